@@ -1,0 +1,80 @@
+/* common.h: delivery of tt_event to user space, shared by every program.
+ *
+ * Ring buffer where the kernel has one (5.8+), perf buffer otherwise.  Every event that cannot be delivered
+ * is counted: a failed ring-buffer reserve here, in `lost` per CPU; perf-buffer losses in user space.
+ * Compile-time switches come from tcptrace_bpf/plan.py and are numbers or feature flags, never user text.
+ */
+#ifndef TT_COMMON_H
+#define TT_COMMON_H
+
+#include <uapi/linux/ptrace.h>
+#include "tcptrace.h"
+
+#define TT_AF_INET 2
+#define TT_AF_INET6 10
+#define TT_IPPROTO_TCP 6
+#define TT_TCP_CLOSE 7
+
+#ifdef TT_DECLARE_SK_RST_REASON
+/* tcp:tcp_send_reset (6.10+) has a field of this type; older headers lack the enum. */
+enum sk_rst_reason { TT_SK_RST_REASON_PLACEHOLDER };
+#endif
+
+BPF_PERCPU_ARRAY(lost, __u64, 1);
+
+#ifdef TT_RINGBUF
+BPF_RINGBUF_OUTPUT(events, TT_RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+BPF_PERCPU_ARRAY(scratch, struct tt_event, 1);
+#endif
+
+#ifdef TT_OWNER_TRACKING
+/* Sockets whose owner was already reported, so I/O reports each owner once, not once per send. */
+BPF_TABLE("lru_hash", __u64, __u32, owners, 65536);
+#endif
+
+static __always_inline struct tt_event *tt_reserve(void)
+{
+    struct tt_event *e;
+#ifdef TT_RINGBUF
+    e = events.ringbuf_reserve(sizeof(struct tt_event));
+    if (!e) {
+        int zero = 0;
+        __u64 *n = lost.lookup(&zero);
+        if (n)
+            (*n)++;
+        return 0;
+    }
+#else
+    int zero = 0;
+    e = scratch.lookup(&zero);
+    if (!e)
+        return 0;
+#endif
+    __u64 id = bpf_get_current_pid_tgid();
+    e->ts_ns = bpf_ktime_get_ns();
+    e->pid = id >> 32;
+    e->err = 0;
+    e->family = 0;
+    e->sport = 0;
+    e->dport = 0;
+    e->oldstate = 0;
+    e->newstate = 0;
+    __builtin_memset(e->pad, 0, sizeof(e->pad));
+    __builtin_memset(e->saddr, 0, sizeof(e->saddr));
+    __builtin_memset(e->daddr, 0, sizeof(e->daddr));
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
+    return e;
+}
+
+static __always_inline void tt_submit(void *ctx, struct tt_event *e)
+{
+#ifdef TT_RINGBUF
+    events.ringbuf_submit(e, 0);
+#else
+    events.perf_submit(ctx, e, sizeof(*e));
+#endif
+}
+
+#endif

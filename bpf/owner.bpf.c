@@ -1,0 +1,36 @@
+/* owner.bpf.c: who owns a socket, from sock:sock_send_length / sock:sock_recv_length (6.3+).
+ *
+ * State changes driven by packets run in softirq or, on loopback, inside the *sending* process, so the task
+ * seen at a transition is often not the owner.  send/recv always run in the owner's own syscall: the first
+ * I/O by a task on a socket (and every change of that task) is reported once, then suppressed by `owners`.
+ */
+#include "common.h"
+
+static __always_inline int tt_note_owner(void *ctx, __u64 sk, __u16 family, __u16 protocol)
+{
+    if (protocol != TT_IPPROTO_TCP || (family != TT_AF_INET && family != TT_AF_INET6))
+        return 0;
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    __u32 *seen = owners.lookup(&sk);
+    if (seen && *seen == tgid)
+        return 0;
+    owners.update(&sk, &tgid);
+    struct tt_event *e = tt_reserve();
+    if (!e)
+        return 0;
+    e->kind = TT_OWNER;
+    e->skaddr = sk;
+    e->family = family;
+    tt_submit(ctx, e);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+    return tt_note_owner(args, (__u64)args->sk, args->family, args->protocol);
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+    return tt_note_owner(args, (__u64)args->sk, args->family, args->protocol);
+}

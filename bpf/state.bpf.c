@@ -1,0 +1,37 @@
+/* state.bpf.c: every TCP state change, from sock:inet_sock_set_state.
+ *
+ * Fact served: the transitions themselves.  At ->CLOSE it also reads sk->sk_err (offset from BTF,
+ * TT_SK_ERR_OFFSET; -1 when unknown) because the kernel sets it just before tcp_done() on every error path:
+ * ETIMEDOUT for a timeout, ECONNREFUSED/ECONNRESET/EPIPE for a reset, 0 for an orderly or abortive close.
+ */
+#include "common.h"
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != TT_IPPROTO_TCP)
+        return 0;
+    __u64 sk = (__u64)args->skaddr;
+#ifdef TT_OWNER_TRACKING
+    if (args->newstate == TT_TCP_CLOSE)
+        owners.delete(&sk);
+#endif
+    struct tt_event *e = tt_reserve();
+    if (!e)
+        return 0;
+    e->kind = TT_STATE;
+    e->skaddr = sk;
+    e->oldstate = args->oldstate;
+    e->newstate = args->newstate;
+    e->family = args->family;
+    e->sport = args->sport;
+    e->dport = args->dport;
+    /* For AF_INET the v6 fields hold the IPv4-mapped address, so one copy serves both families. */
+    __builtin_memcpy(e->saddr, args->saddr_v6, 16);
+    __builtin_memcpy(e->daddr, args->daddr_v6, 16);
+#if TT_SK_ERR_OFFSET >= 0
+    if (args->newstate == TT_TCP_CLOSE)
+        bpf_probe_read_kernel(&e->err, sizeof(e->err), (void *)(sk + TT_SK_ERR_OFFSET));
+#endif
+    tt_submit(args, e);
+    return 0;
+}

@@ -1,0 +1,36 @@
+/* tcptrace.h: the one event record every program emits.
+ *
+ * Mirrored once in Python (tcptrace_bpf/wire.py, EVENT_FIELDS); tests/unit/test_wire.py checks the two agree.
+ * Keep the layout free of implicit padding: every field is naturally aligned and the size is a multiple of 8.
+ */
+#ifndef TCPTRACE_H
+#define TCPTRACE_H
+
+#define TT_COMM_LEN 16
+
+enum tt_kind {
+    TT_STATE = 1,        /* sock:inet_sock_set_state; oldstate/newstate; err = sk->sk_err at ->CLOSE */
+    TT_RETRANSMIT = 2,   /* tcp:tcp_retransmit_skb (or kprobe); oldstate = state when retransmitted */
+    TT_RESET_SENT = 3,   /* tcp:tcp_send_reset; skaddr may be 0 (no socket); err = reset reason or -1 */
+    TT_RESET_RECV = 4,   /* tcp:tcp_receive_reset */
+    TT_OWNER = 5,        /* sock:sock_{send,recv}_length: a task doing I/O on the socket, so its owner */
+};
+
+struct tt_event {
+    __u64 ts_ns;         /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    __u64 skaddr;        /* kernel socket address: the socket's identity while it lives */
+    __u32 pid;           /* tgid of the task running when the hook fired (not always the owner) */
+    __s32 err;           /* see enum tt_kind */
+    __u16 kind;
+    __u16 family;        /* AF_INET or AF_INET6 (0 when unknown) */
+    __u16 sport;         /* host order */
+    __u16 dport;         /* host order */
+    __u8 oldstate;
+    __u8 newstate;
+    __u8 pad[6];
+    __u8 saddr[16];      /* IPv6, or IPv4-mapped IPv6 */
+    __u8 daddr[16];
+    char comm[TT_COMM_LEN];
+};
+
+#endif

@@ -1,0 +1,3 @@
+from tcptrace_bpf.cli import cli
+
+cli()

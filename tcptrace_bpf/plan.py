@@ -1,0 +1,162 @@
+"""The hook plan: from what the running kernel offers, which hook serves which fact.
+
+make_plan() is pure (facts in, plan out) so every branch is unit-tested with made-up kernels; probe.py
+gathers the facts.  Compile-time switches handed to the BPF sources are feature flags and numbers computed
+here, never text from the user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+RINGBUF_PAGES = 1024  # 4 MiB: about 47k events in flight before a reserve fails
+
+TP_STATE = "sock/inet_sock_set_state"
+TP_RETRANSMIT = "tcp/tcp_retransmit_skb"
+TP_SEND_RESET = "tcp/tcp_send_reset"
+TP_RECEIVE_RESET = "tcp/tcp_receive_reset"
+TP_SEND_LENGTH = "sock/sock_send_length"
+TP_RECV_LENGTH = "sock/sock_recv_length"
+TRACEPOINTS = (TP_STATE, TP_RETRANSMIT, TP_SEND_RESET, TP_RECEIVE_RESET, TP_SEND_LENGTH, TP_RECV_LENGTH)
+
+
+@dataclass
+class KernelFacts:
+    """What the running kernel and this host offer (gathered by probe.probe_kernel)."""
+
+    release: str
+    version: tuple[int, int]
+    root: bool = True
+    bcc_error: Optional[str] = None
+    tracefs: Optional[str] = "/sys/kernel/tracing"
+    tracepoints: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> field names
+    field_types: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> field -> C type
+    btf: bool = True
+    btf_error: Optional[str] = None
+    sk_err_offset: Optional[int] = None
+    rst_reasons: dict[int, str] = field(default_factory=dict)
+    kprobes: bool = False
+    headers: Optional[str] = None  # release of the headers at /lib/modules/$(uname -r)/build
+    headers_have_rst_reason: bool = False
+
+
+@dataclass
+class Problem:
+    what: str
+    fix: str
+    fatal: bool
+
+
+@dataclass
+class Plan:
+    hooks: dict[str, str]  # fact -> hook that serves it
+    sources: list[str]  # bpf/*.bpf.c files to compile
+    defines: dict[str, int]  # -D switches (numbers only)
+    problems: list[Problem]
+    ringbuf: bool
+
+    @property
+    def fatal(self) -> bool:
+        return any(p.fatal for p in self.problems)
+
+    def cflags(self) -> list[str]:
+        return [f"-D{name}={int(value)}" for name, value in sorted(self.defines.items())]
+
+
+def make_plan(facts: KernelFacts) -> Plan:
+    hooks: dict[str, str] = {}
+    sources: list[str] = []
+    defines: dict[str, int] = {}
+    problems: list[Problem] = []
+    tps = facts.tracepoints
+
+    if not facts.root:
+        problems.append(Problem("not running as root", "run as root (sudo)", True))
+    if facts.bcc_error:
+        problems.append(Problem(f"bcc is not usable: {facts.bcc_error}",
+                                "run ./setup.sh (installs Debian's python3-bpfcc; never the PyPI 'bcc')", True))
+    if not facts.tracefs:
+        problems.append(Problem("tracefs is not mounted", "mount -t tracefs nodev /sys/kernel/tracing", True))
+    if facts.headers is None:
+        problems.append(Problem(f"no kernel headers at /lib/modules/{facts.release}/build",
+                                "run ./setup.sh (installs the distro's headers and links them)", True))
+    elif not facts.release.startswith(facts.headers):
+        problems.append(Problem(
+            f"kernel headers are {facts.headers}, the kernel is {facts.release}",
+            "fine for tcptrace-bpf (tracepoint fields come from tracefs, struct offsets from BTF); "
+            "install linux-headers-$(uname -r) where the distro has it", False))
+
+    ringbuf = facts.version >= (5, 8)
+    if ringbuf:
+        defines["TT_RINGBUF"] = 1
+        defines["TT_RINGBUF_PAGES"] = RINGBUF_PAGES
+        hooks["delivery"] = f"ring buffer ({RINGBUF_PAGES * 4} KiB); failed reserves counted per CPU"
+    else:
+        hooks["delivery"] = "perf buffer; losses counted by the lost-sample callback"
+
+    if TP_STATE in tps:
+        sources.append("state.bpf.c")
+        hooks["state"] = "tracepoint sock:inet_sock_set_state"
+    else:
+        problems.append(Problem("tracepoint sock:inet_sock_set_state is missing (kernel older than 4.16?)",
+                                "tcptrace-bpf needs Linux 4.16 or newer", True))
+
+    if facts.sk_err_offset is not None:
+        defines["TT_SK_ERR_OFFSET"] = facts.sk_err_offset
+        hooks["close_error"] = f"sk->sk_err read at ->CLOSE (BTF offset {facts.sk_err_offset})"
+    else:
+        defines["TT_SK_ERR_OFFSET"] = -1
+        hooks["close_error"] = "unavailable: timeouts cannot be told from other closes"
+        problems.append(Problem(f"no BTF for struct sock ({facts.btf_error or 'missing'})",
+                                "use a kernel built with CONFIG_DEBUG_INFO_BTF=y", False))
+
+    if TP_RETRANSMIT in tps:
+        fields = tps[TP_RETRANSMIT]
+        sources.append("retransmit.bpf.c")
+        for name in ("err", "state", "family"):
+            if name in fields:
+                defines[f"TT_RETRANSMIT_HAS_{name.upper()}"] = 1
+        hooks["retransmit"] = "tracepoint tcp:tcp_retransmit_skb" + (" (err == 0 only)" if "err" in fields else "")
+    elif facts.kprobes:
+        sources.append("retransmit.bpf.c")
+        defines["TT_RETRANSMIT_KPROBE"] = 1
+        hooks["retransmit"] = "kprobe tcp_retransmit_skb"
+    else:
+        hooks["retransmit"] = "unavailable"
+        problems.append(Problem("no tcp:tcp_retransmit_skb tracepoint and no kprobes",
+                                "retransmits will not be counted", False))
+
+    if TP_SEND_RESET in tps and TP_RECEIVE_RESET in tps:
+        sources.append("reset.bpf.c")
+        send = tps[TP_SEND_RESET]
+        types = facts.field_types.get(TP_SEND_RESET, {})
+        if "reason" in send:
+            defines["TT_SEND_RESET_HAS_REASON"] = 1
+            if "enum sk_rst_reason" in types.get("reason", "") and not facts.headers_have_rst_reason:
+                defines["TT_DECLARE_SK_RST_REASON"] = 1
+        if "state" in send:
+            defines["TT_SEND_RESET_HAS_STATE"] = 1
+        if "sport" not in send:
+            defines["TT_SEND_RESET_SOCKADDR"] = 1
+        elif "family" in send:
+            defines["TT_SEND_RESET_HAS_FAMILY"] = 1
+        if "family" in tps[TP_RECEIVE_RESET]:
+            defines["TT_RECEIVE_RESET_HAS_FAMILY"] = 1
+        hooks["reset_sent"] = "tracepoint tcp:tcp_send_reset"
+        hooks["reset_received"] = "tracepoint tcp:tcp_receive_reset"
+    else:
+        hooks["reset_sent"] = hooks["reset_received"] = "unavailable"
+        problems.append(Problem("tcp:tcp_send_reset/tcp_receive_reset missing", "resets will not be seen", False))
+
+    if TP_SEND_LENGTH in tps and TP_RECV_LENGTH in tps:
+        sources.append("owner.bpf.c")
+        defines["TT_OWNER_TRACKING"] = 1
+        hooks["owner"] = ("connect/listen/close transitions, and sock:sock_send_length/sock_recv_length "
+                          "(first I/O per task)")
+    else:
+        hooks["owner"] = "connect/listen/close transitions; accepted sockets take their listener's owner"
+
+    hooks["time_wait"] = "inferred: FIN_WAIT2/CLOSING -> CLOSE with no reset and no error (entry only)"
+    hooks["keepalive"] = "not traced by this version"
+    return Plan(hooks, sources, defines, problems, ringbuf)

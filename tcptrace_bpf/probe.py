@@ -1,0 +1,90 @@
+"""Gathering KernelFacts from the running system (tracefs, BTF, /sys, headers, bcc).
+
+Kept apart from plan.py so the plan is pure and testable; this module only reads files.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Optional
+
+from tcptrace_bpf.btf import BTF, BTFError
+from tcptrace_bpf.plan import TRACEPOINTS, KernelFacts
+
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+_FIELD = re.compile(r"field:(.+?)\s+(\w+)(\[\d+\])?;\s+offset:")
+
+
+def tracefs_path() -> Optional[str]:
+    for path in TRACEFS_CANDIDATES:
+        if os.path.exists(os.path.join(path, "events")):
+            return path
+    return None
+
+
+def tracepoint_fields(tracefs: str, name: str) -> Optional[dict[str, str]]:
+    """Field name -> C type of a tracepoint, from its tracefs format; None if it does not exist."""
+    try:
+        text = Path(tracefs, "events", name, "format").read_text()
+    except OSError:
+        return None
+    fields = {}
+    for ctype, fname, _array in _FIELD.findall(text):
+        if not fname.startswith("common_"):
+            fields[fname] = ctype.strip()
+    return fields
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def headers_release(release: str) -> tuple[Optional[str], bool]:
+    build = Path("/lib/modules", release, "build")
+    if not build.exists():
+        return None, False
+    have_rst = any((base / "include/net/rstreason.h").exists() for base in (build, build.parent / "source"))
+    for candidate in ("include/config/kernel.release", "include/generated/utsrelease.h"):
+        try:
+            text = (build / candidate).read_text()
+        except OSError:
+            continue
+        match = re.search(r'"?([0-9][^"\s]*)"?', text)
+        if match:
+            return match.group(1), have_rst
+    return "unknown", have_rst
+
+
+def probe_kernel(check_bcc: bool = True) -> KernelFacts:
+    release = platform.release()
+    facts = KernelFacts(release=release, version=kernel_version(release), root=os.geteuid() == 0)
+    if check_bcc:
+        try:
+            import bcc  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install raising anything
+            facts.bcc_error = f"cannot import bcc ({exc})"
+    facts.tracefs = tracefs_path()
+    if facts.tracefs:
+        for name in TRACEPOINTS:
+            fields = tracepoint_fields(facts.tracefs, name)
+            if fields is not None:
+                facts.tracepoints[name] = tuple(fields)
+                facts.field_types[name] = fields
+    try:
+        btf = BTF.from_file()
+        facts.sk_err_offset = btf.offset("sock", "sk_err")
+        prefix = "SK_RST_REASON_"
+        facts.rst_reasons = {v: k[len(prefix):] if k.startswith(prefix) else k
+                             for k, v in btf.enum("sk_rst_reason").items()}
+    except BTFError as exc:
+        facts.btf = False
+        facts.btf_error = str(exc)
+    facts.kprobes = os.path.exists("/sys/bus/event_source/devices/kprobe/type") or (
+        facts.tracefs is not None and os.path.exists(os.path.join(facts.tracefs, "kprobe_events"))
+    )
+    facts.headers, facts.headers_have_rst_reason = headers_release(release)
+    return facts

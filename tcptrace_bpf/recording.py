@@ -1,0 +1,172 @@
+"""JSON Lines recordings: the schema (version 1), the writer sink, and a validating reader.
+
+The schema is a contract for later work and outside tools; README.md ("Recording format") documents it.
+One object per line; key order is fixed with "type" first.  The writer flushes at least once a second so a
+crash loses at most the last second, and never rewrites what it already wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Any, Iterator, Optional
+
+from tcptrace_bpf.engine import Lifecycle
+from tcptrace_bpf.events import (
+    RESET_RECV, RESET_SENT, RETRANSMIT, STATE, STATE_NUMBERS, Event, errno_name, state_name,
+)
+from tcptrace_bpf.filters import Filter
+
+SCHEMA = 1
+RECORD_TYPES = ("header", "transition", "retransmit", "reset", "connection", "footer")
+_REQUIRED = {
+    "header": ("schema",),
+    "transition": ("ts", "sock", "from", "to"),
+    "retransmit": ("ts", "sock"),
+    "reset": ("ts", "direction"),
+    "connection": ("sock", "states", "close"),
+    "footer": ("lost_events",),
+}
+
+
+class RecordingError(Exception):
+    """A recording line that is not valid; the message names file:line."""
+
+
+def sock_id(sock: int) -> str:
+    """Kernel socket address as hex text: exact in every JSON reader (it does not fit a double)."""
+    return f"0x{sock:x}"
+
+
+def _r(ts: Optional[float]) -> Optional[float]:
+    return None if ts is None else round(ts, 6)
+
+
+def event_record(ev: Event, lc: Optional[Lifecycle], reasons: dict[int, str]) -> Optional[dict[str, Any]]:
+    """The per-event record (transition, retransmit, reset), with the socket's tuple and owner as known."""
+    who = lc if lc is not None else ev
+    rec: dict[str, Any]
+    if ev.kind == STATE:
+        rec = {"type": "transition", "ts": _r(ev.ts), "sock": sock_id(ev.sock),
+               "from": state_name(ev.old), "to": state_name(ev.new)}
+    elif ev.kind == RETRANSMIT:
+        state = lc.state if lc is not None else ev.old
+        rec = {"type": "retransmit", "ts": _r(ev.ts), "sock": sock_id(ev.sock),
+               "state": state_name(state) if state else None}
+    elif ev.kind in (RESET_SENT, RESET_RECV):
+        rec = {"type": "reset", "ts": _r(ev.ts), "sock": sock_id(ev.sock) if ev.sock else None,
+               "direction": "sent" if ev.kind == RESET_SENT else "received",
+               "state": state_name(lc.state) if lc is not None else (state_name(ev.old) if ev.old else None)}
+        if ev.kind == RESET_SENT and ev.err >= 0:
+            rec["reason"] = reasons.get(ev.err, str(ev.err))
+    else:
+        return None
+    rec.update(family=who.family or None, laddr=who.laddr or None, lport=who.lport or None,
+               raddr=who.raddr or None, rport=who.rport or None)
+    if lc is not None:
+        rec.update(pid=lc.pid, comm=lc.comm, pid_source=lc.pid_source)
+    else:
+        rec.update(pid=None, comm=None, pid_source=None)
+    if ev.kind == STATE and ev.err:
+        rec["error"] = errno_name(ev.err)
+    return rec
+
+
+def connection_record(lc: Lifecycle) -> dict[str, Any]:
+    states = []
+    for iv in lc.intervals():
+        states.append({"state": state_name(iv.state), "enter": _r(iv.enter), "leave": _r(iv.leave),
+                       "duration": _r(iv.duration), "source": iv.source})
+    return {
+        "type": "connection", "sock": sock_id(lc.sock), "family": lc.family or None,
+        "laddr": lc.laddr or None, "lport": lc.lport or None, "raddr": lc.raddr or None,
+        "rport": lc.rport or None, "pid": lc.pid, "comm": lc.comm, "pid_source": lc.pid_source,
+        "role": lc.role, "start": _r(lc.start), "end": _r(lc.end), "states": states,
+        "retransmits": lc.retransmits, "resets_sent": lc.resets_sent, "resets_received": lc.resets_received,
+        "keepalive_probes": None, "close": lc.close_kind(), "error": errno_name(lc.error),
+        "time_wait": lc.timewait, "gaps": lc.gaps,
+    }
+
+
+class Recorder:
+    """Sink writing a recording.  Records pass the filter per socket (partially known sockets pass)."""
+
+    def __init__(self, out: IO[str], flt: Filter = Filter(), reasons: Optional[dict[int, str]] = None) -> None:
+        self.out = out
+        self.filter = flt
+        self.reasons = reasons or {}
+        self.connections = 0
+        self._last_flush = 0.0
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        self.out.write(json.dumps(rec, separators=(", ", ": ")) + "\n")
+
+    def start(self, header: dict[str, Any]) -> None:
+        self._write({"type": "header", "schema": SCHEMA, **header})
+        self.out.flush()
+
+    def event(self, ev: Event, lc: Optional[Lifecycle]) -> None:
+        if not self.filter.empty and not self.filter.match(lc if lc is not None else ev, partial=True):
+            return
+        rec = event_record(ev, lc, self.reasons)
+        if rec is not None:
+            self._write(rec)
+
+    def finished(self, lc: Lifecycle) -> None:
+        if self.filter.empty or self.filter.match(lc):
+            self.connections += 1
+            self._write(connection_record(lc))
+
+    def tick(self, now: float) -> None:
+        if now - self._last_flush >= 0.5:
+            self.out.flush()
+            self._last_flush = now
+
+    def close(self, footer: dict[str, Any]) -> None:
+        self._write({"type": "footer", **footer})
+        self.out.flush()
+
+
+def read_records(lines: IO[str], name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each line; RecordingError names file:line for a bad one.
+
+    A last line without its newline that does not parse is what a crash leaves: it is reported through a
+    final (lineno, {"type": "truncated", ...}) item instead of an error.
+    """
+    lineno = 0
+    pending: Optional[str] = None
+    for line in lines:
+        if pending is not None:
+            yield _parse(pending, name, lineno)
+        lineno += 1
+        pending = line
+    if pending is None:
+        return
+    if not pending.endswith("\n"):
+        try:
+            yield _parse(pending, name, lineno)
+        except RecordingError:
+            yield lineno, {"type": "truncated", "text": pending[:80]}
+        return
+    yield _parse(pending, name, lineno)
+
+
+def _parse(line: str, name: str, lineno: int) -> tuple[int, dict[str, Any]]:
+    try:
+        rec = json.loads(line)
+    except ValueError as exc:
+        raise RecordingError(f"{name}:{lineno}: not JSON ({exc.msg})") from None
+    if not isinstance(rec, dict):
+        raise RecordingError(f"{name}:{lineno}: not a JSON object")
+    kind = rec.get("type")
+    if kind not in _REQUIRED:
+        raise RecordingError(f"{name}:{lineno}: unknown record type {kind!r}")
+    missing = [key for key in _REQUIRED[kind] if key not in rec]
+    if missing:
+        raise RecordingError(f"{name}:{lineno}: {kind} record lacks {', '.join(missing)}")
+    if kind == "header" and rec["schema"] != SCHEMA:
+        raise RecordingError(f"{name}:{lineno}: schema {rec['schema']!r} is not supported (this is {SCHEMA})")
+    if kind == "transition" and (rec["from"] not in STATE_NUMBERS or rec["to"] not in STATE_NUMBERS):
+        raise RecordingError(f"{name}:{lineno}: unknown TCP state in transition")
+    if kind == "connection" and not isinstance(rec["states"], list):
+        raise RecordingError(f"{name}:{lineno}: connection states is not a list")
+    return lineno, rec
