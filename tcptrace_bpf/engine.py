@@ -21,8 +21,23 @@ import errno
 from typing import NamedTuple, Optional
 
 from tcptrace_bpf.events import (
-    CLOSE, CLOSE_WAIT, CLOSING, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, LAST_ACK, LISTEN, OWNER, RESET_RECV,
-    RESET_SENT, RETRANSMIT, STATE, SYN_RECV, SYN_SENT, TIME_WAIT, Event,
+    CLOSE,
+    CLOSE_WAIT,
+    CLOSING,
+    ESTABLISHED,
+    FIN_WAIT1,
+    FIN_WAIT2,
+    LAST_ACK,
+    LISTEN,
+    OWNER,
+    RESET_RECV,
+    RESET_SENT,
+    RETRANSMIT,
+    STATE,
+    SYN_RECV,
+    SYN_SENT,
+    TIME_WAIT,
+    Event,
 )
 
 GRACE = 0.25

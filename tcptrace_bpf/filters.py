@@ -77,3 +77,6 @@ class Filter:
             if self.addr not in (laddr, raddr) and not (partial and not (laddr and raddr)):
                 return False
         return True
+
+
+NO_FILTER = Filter()

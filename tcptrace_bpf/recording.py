@@ -12,9 +12,16 @@ from typing import IO, Any, Iterator, Optional
 
 from tcptrace_bpf.engine import Lifecycle
 from tcptrace_bpf.events import (
-    RESET_RECV, RESET_SENT, RETRANSMIT, STATE, STATE_NUMBERS, Event, errno_name, state_name,
+    RESET_RECV,
+    RESET_SENT,
+    RETRANSMIT,
+    STATE,
+    STATE_NUMBERS,
+    Event,
+    errno_name,
+    state_name,
 )
-from tcptrace_bpf.filters import Filter
+from tcptrace_bpf.filters import NO_FILTER, Filter
 
 SCHEMA = 1
 RECORD_TYPES = ("header", "transition", "retransmit", "reset", "connection", "footer")
@@ -90,7 +97,7 @@ def connection_record(lc: Lifecycle) -> dict[str, Any]:
 class Recorder:
     """Sink writing a recording.  Records pass the filter per socket (partially known sockets pass)."""
 
-    def __init__(self, out: IO[str], flt: Filter = Filter(), reasons: Optional[dict[int, str]] = None) -> None:
+    def __init__(self, out: IO[str], flt: Filter = NO_FILTER, reasons: Optional[dict[int, str]] = None) -> None:
         self.out = out
         self.filter = flt
         self.reasons = reasons or {}

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from tcptrace_bpf.engine import CLOSE_KINDS
 from tcptrace_bpf.events import STATE_NAMES
-from tcptrace_bpf.filters import Filter
+from tcptrace_bpf.filters import NO_FILTER, Filter
 from tcptrace_bpf.recording import read_records
 
 STATE_ORDER = [STATE_NAMES[n] for n in (10, 2, 3, 1, 4, 5, 8, 11, 9, 6)]
@@ -127,7 +127,7 @@ def _who(rec: dict[str, Any]) -> dict[str, Any]:
             "pid": rec.get("pid"), "comm": rec.get("comm")}
 
 
-def build_report(lines: Iterable[str], name: str, flt: Filter = Filter()) -> Report:
+def build_report(lines: Iterable[str], name: str, flt: Filter = NO_FILTER) -> Report:
     """Aggregate a recording.  Raises RecordingError (file:line) on a bad line."""
     report = Report(name)
     for lineno, rec in read_records(lines, name):  # type: ignore[arg-type]
@@ -168,7 +168,8 @@ def render(report: Report, console: Console) -> None:
     if report.footer is None:
         console.print("[yellow]no footer: the recording did not end cleanly; sockets open at the end "
                       "have no connection record[/]")
-    table = Table(title="Time in state", title_justify="left")
+    console.print("\n[bold]Time in state[/]")
+    table = Table()
     for col in ("state", "count", "measured", "p50", "p90", "p99", "max", "how measured"):
         table.add_column(col, justify="left" if col in ("state", "how measured") else "right")
     for row in data["states"]:
@@ -178,7 +179,8 @@ def render(report: Report, console: Console) -> None:
     console.print(table)
     console.print("Close kinds: " + (", ".join(f"{k} {n}" for k, n in data["close"].items()) or "none"))
     if data["longest_close_wait"]:
-        t = Table(title="Longest CLOSE_WAIT (the application did not call close())", title_justify="left")
+        console.print("\n[bold]Longest CLOSE_WAIT (the application did not call close())[/]")
+        t = Table()
         for col in ("local", "remote", "pid", "comm", "CLOSE_WAIT"):
             t.add_column(col)
         for row in data["longest_close_wait"]:
@@ -186,14 +188,16 @@ def render(report: Report, console: Console) -> None:
             t.add_row(row["local"], row["remote"], str(row["pid"] or "?"), row["comm"] or "?", held)
         console.print(t)
     if data["time_wait_by_peer"]:
-        t = Table(title="TIME_WAIT entered, per remote endpoint (inferred)", title_justify="left")
+        console.print("\n[bold]TIME_WAIT entered, per remote endpoint (inferred)[/]")
+        t = Table()
         t.add_column("remote")
         t.add_column("count", justify="right")
         for row in data["time_wait_by_peer"]:
             t.add_row(row["peer"], str(row["count"]))
         console.print(t)
     if data["troubled"]:
-        t = Table(title="Sockets with retransmits or resets", title_justify="left")
+        console.print("\n[bold]Sockets with retransmits or resets[/]")
+        t = Table()
         for col in ("local", "remote", "pid", "comm", "retrans", "RST sent", "RST recv", "close"):
             t.add_column(col)
         for row in data["troubled"]:

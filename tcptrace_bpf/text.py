@@ -11,7 +11,7 @@ from typing import IO, Any, Optional
 
 from tcptrace_bpf.engine import Interval, Lifecycle
 from tcptrace_bpf.events import TIME_WAIT, Event, state_name
-from tcptrace_bpf.filters import Filter
+from tcptrace_bpf.filters import NO_FILTER, Filter
 from tcptrace_bpf.report import endpoint, fmt_seconds
 
 MARKS = {"exact": "", "inferred": "~", "partial": "?", "gap": "!"}
@@ -46,7 +46,7 @@ def describe(lc: Lifecycle) -> str:
 
 
 class TextSink:
-    def __init__(self, out: IO[str], flt: Filter = Filter()) -> None:
+    def __init__(self, out: IO[str], flt: Filter = NO_FILTER) -> None:
         self.out = out
         self.filter = flt
 

@@ -1,0 +1,114 @@
+"""Hook plans for made-up kernels: each branch of make_plan."""
+
+from __future__ import annotations
+
+from tcptrace_bpf.plan import (
+    TP_RECEIVE_RESET,
+    TP_RECV_LENGTH,
+    TP_RETRANSMIT,
+    TP_SEND_LENGTH,
+    TP_SEND_RESET,
+    TP_STATE,
+    KernelFacts,
+    make_plan,
+)
+
+STATE_FIELDS = ("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol", "saddr", "daddr",
+                "saddr_v6", "daddr_v6")
+ADDR = ("sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6")
+
+
+def kernel_6_18(**changes):
+    facts = KernelFacts(
+        release="6.18.44", version=(6, 18), headers="6.18.44", sk_err_offset=284,
+        tracepoints={
+            TP_STATE: STATE_FIELDS,
+            TP_RETRANSMIT: ("skbaddr", "skaddr", "state") + ADDR + ("err",),
+            TP_SEND_RESET: ("skbaddr", "skaddr", "state", "reason", "saddr", "daddr"),
+            TP_RECEIVE_RESET: ("skaddr",) + ADDR + ("sock_cookie",),
+            TP_SEND_LENGTH: ("sk", "family", "protocol", "ret", "flags"),
+            TP_RECV_LENGTH: ("sk", "family", "protocol", "ret", "flags"),
+        },
+        field_types={TP_SEND_RESET: {"reason": "enum sk_rst_reason"}},
+    )
+    for key, value in changes.items():
+        setattr(facts, key, value)
+    return facts
+
+
+def kernel_5_10():
+    return KernelFacts(
+        release="5.10.0-30-amd64", version=(5, 10), headers="5.10.0-30-amd64", sk_err_offset=268, kprobes=True,
+        tracepoints={
+            TP_STATE: STATE_FIELDS,
+            TP_RETRANSMIT: ("skbaddr", "skaddr", "state") + ADDR,
+            TP_SEND_RESET: ("skbaddr", "skaddr", "state") + ADDR,
+            TP_RECEIVE_RESET: ("skaddr",) + ADDR + ("sock_cookie",),
+        },
+    )
+
+
+def test_6_18_uses_every_tracepoint_and_the_ringbuf():
+    plan = make_plan(kernel_6_18())
+    assert plan.sources == ["state.bpf.c", "retransmit.bpf.c", "reset.bpf.c", "owner.bpf.c"]
+    assert plan.ringbuf and not plan.problems
+    d = plan.defines
+    assert d["TT_SK_ERR_OFFSET"] == 284 and d["TT_RETRANSMIT_HAS_ERR"] == 1 and d["TT_SEND_RESET_SOCKADDR"] == 1
+    assert d["TT_DECLARE_SK_RST_REASON"] == 1 and d["TT_OWNER_TRACKING"] == 1
+    assert "(err == 0 only)" in plan.hooks["retransmit"]
+    assert all(flag.startswith("-DTT_") and flag.split("=")[1].lstrip("-").isdigit() for flag in plan.cflags())
+
+
+def test_headers_with_the_enum_do_not_redeclare_it():
+    plan = make_plan(kernel_6_18(headers_have_rst_reason=True))
+    assert "TT_DECLARE_SK_RST_REASON" not in plan.defines
+
+
+def test_5_10_has_plain_reset_fields_and_no_owner_io():
+    plan = make_plan(kernel_5_10())
+    assert "owner.bpf.c" not in plan.sources and "TT_OWNER_TRACKING" not in plan.defines
+    assert "TT_SEND_RESET_SOCKADDR" not in plan.defines and plan.defines["TT_SEND_RESET_HAS_FAMILY"] == 1
+    assert "TT_RETRANSMIT_HAS_ERR" not in plan.defines
+    assert "listener's owner" in plan.hooks["owner"]
+
+
+def test_old_kernel_uses_perf_buffer():
+    facts = kernel_5_10()
+    facts.version = (5, 4)
+    plan = make_plan(facts)
+    assert not plan.ringbuf and "TT_RINGBUF" not in plan.defines
+    assert plan.hooks["delivery"].startswith("perf buffer")
+
+
+def test_kprobe_fallback_for_retransmit():
+    facts = kernel_5_10()
+    del facts.tracepoints[TP_RETRANSMIT]
+    plan = make_plan(facts)
+    assert plan.defines["TT_RETRANSMIT_KPROBE"] == 1 and plan.hooks["retransmit"] == "kprobe tcp_retransmit_skb"
+    facts.kprobes = False
+    plan = make_plan(facts)
+    assert plan.hooks["retransmit"] == "unavailable" and not plan.fatal and plan.problems
+
+
+def test_fatal_problems():
+    plan = make_plan(kernel_6_18(root=False, bcc_error="cannot import bcc", tracefs=None, headers=None))
+    assert plan.fatal
+    whats = " ".join(p.what for p in plan.problems)
+    assert "root" in whats and "bcc" in whats and "tracefs" in whats and "headers" in whats
+
+
+def test_no_inet_sock_set_state_is_fatal():
+    facts = kernel_6_18()
+    del facts.tracepoints[TP_STATE]
+    assert make_plan(facts).fatal
+
+
+def test_mismatched_headers_warn_only():
+    plan = make_plan(kernel_6_18(headers="6.1.192"))
+    assert not plan.fatal and "6.1.192" in plan.problems[0].what
+
+
+def test_no_btf_warns_and_disables_error_read():
+    plan = make_plan(kernel_6_18(sk_err_offset=None, btf=False, btf_error="missing"))
+    assert plan.defines["TT_SK_ERR_OFFSET"] == -1 and not plan.fatal
+    assert "unavailable" in plan.hooks["close_error"]

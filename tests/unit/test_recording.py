@@ -1,0 +1,85 @@
+"""The JSON Lines schema: what the Recorder writes, and what the reader accepts or rejects."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from tcptrace_bpf.filters import Filter
+from tcptrace_bpf.recording import RecordingError, read_records
+
+from .recordings import record
+from .streams import CLIENT_SK, RESET_SENT, client_active_close, other, server_passive_close
+
+
+def parse(text):
+    return [rec for _n, rec in read_records(io.StringIO(text), "t.jsonl")]
+
+
+def test_round_trip_header_transitions_connections_footer():
+    recs = parse(record(client_active_close() + [other(RESET_SENT, 3.0, 0, err=1)], end=10))
+    assert recs[0]["type"] == "header" and recs[0]["schema"] == 1
+    assert recs[-1]["type"] == "footer" and recs[-1]["lost_events"] == 0
+    transitions = [r for r in recs if r["type"] == "transition"]
+    assert [(t["from"], t["to"]) for t in transitions] == [
+        ("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED"), ("ESTABLISHED", "FIN_WAIT1"),
+        ("FIN_WAIT1", "FIN_WAIT2"), ("FIN_WAIT2", "CLOSE")]
+    assert transitions[0]["sock"] == hex(CLIENT_SK) and transitions[0]["pid"] == 100
+    assert transitions[0]["pid_source"] == "connect" and transitions[0]["lport"] is None
+    (reset,) = [r for r in recs if r["type"] == "reset"]
+    assert reset["sock"] is None and reset["direction"] == "sent" and reset["reason"] == "NO_SOCKET"
+    (conn,) = [r for r in recs if r["type"] == "connection"]
+    assert conn["close"] == "active" and conn["role"] == "client" and conn["family"] == 4
+    assert conn["states"][-1] == {"state": "TIME_WAIT", "enter": 2.03001, "leave": None, "duration": None,
+                                  "source": "inferred"}
+    assert conn["states"][1]["duration"] == pytest.approx(1.0)
+    assert set(conn) >= {"sock", "family", "laddr", "lport", "raddr", "rport", "pid", "comm", "role", "start",
+                         "end", "states", "retransmits", "resets_sent", "resets_received", "keepalive_probes",
+                         "close"}
+    assert all(list(r)[0] == "type" for r in recs)
+
+
+def test_open_sockets_written_at_the_end():
+    recs = parse(record(server_passive_close()[:4], end=10))
+    conns = {r["role"]: r for r in recs if r["type"] == "connection"}
+    assert conns["server"]["close"] == "open" and conns["server"]["end"] is None
+    assert conns["server"]["states"][-1]["state"] == "CLOSE_WAIT"
+    assert conns["listener"]["close"] == "open"
+
+
+def test_filter_keeps_matching_sockets_only():
+    events = client_active_close() + server_passive_close(t0=5)
+    recs = parse(record(events, end=20, flt=Filter(lport=80)))
+    conns = [r for r in recs if r["type"] == "connection"]
+    assert {c["role"] for c in conns} == {"server", "listener"}
+    assert recs[0]["filters"] == {"lport": 80}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json\n", "t.jsonl:2: not JSON"),
+    ("[1, 2]\n", "t.jsonl:2: not a JSON object"),
+    ('{"type": "bogus"}\n', "t.jsonl:2: unknown record type 'bogus'"),
+    ('{"type": "transition", "ts": 1}\n', "t.jsonl:2: transition record lacks sock, from, to"),
+    ('{"type": "transition", "ts": 1, "sock": "0x1", "from": "X", "to": "CLOSE"}\n', "t.jsonl:2: unknown TCP state"),
+])
+def test_bad_line_names_file_and_line(line, message):
+    text = json.dumps({"type": "header", "schema": 1}) + "\n" + line
+    with pytest.raises(RecordingError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse(text)
+
+
+def test_future_schema_is_refused():
+    with pytest.raises(RecordingError, match="schema 2 is not supported"):
+        parse('{"type": "header", "schema": 2}\n')
+
+
+def test_torn_last_line_is_tolerated_and_reported():
+    text = record(client_active_close(), end=10, footer=False)
+    torn = text + '{"type": "transition", "ts": 3.1, "so'
+    recs = parse(torn)
+    assert recs[-1]["type"] == "truncated"
+    # the same torn text in the middle of a file is an error
+    with pytest.raises(RecordingError):
+        parse(torn + "\n" + text)
