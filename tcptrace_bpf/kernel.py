@@ -67,12 +67,12 @@ class KernelSource:
 
         # TRACEPOINT_PROBE and kprobe__ functions are attached by bcc as the program loads.
         try:
-            self._bpf = BPF(text=program_text(self.plan), cflags=self.plan.cflags())
+            self._bpf = BPF(text=program_text(self.plan).encode(), cflags=self.plan.cflags())
         except Exception as exc:  # bcc raises bare Exception for compile, load and attach failures
             raise SourceError(f"loading the BPF programs failed: {str(exc).strip().splitlines()[0]}") from exc
         chunks = self._chunks
         size = wire.EVENT_SIZE
-        table = self._bpf["events"]
+        table = self._bpf[b"events"]
         if self.plan.ringbuf:
             def on_event(_ctx: Any, data: int, _size: int) -> int:
                 chunks.append(ctypes.string_at(data, size))
@@ -105,7 +105,7 @@ class KernelSource:
         """Events not delivered so far (failed ring-buffer reserves on every CPU, or perf-buffer losses)."""
         total = self._perf_lost
         if self._bpf is not None:
-            total += int(self._bpf["lost"].sum(0).value)
+            total += int(self._bpf[b"lost"].sum(0).value)
         return total
 
     def close(self) -> None:

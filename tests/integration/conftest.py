@@ -1,0 +1,131 @@
+"""Integration fixtures: the real tracer (kernel source, engine) running in a thread for the whole session.
+
+A missing capability (not root, no bcc, no tracefs) fails the run in CI and skips it elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import pytest
+
+from tcptrace_bpf.engine import Engine, Lifecycle
+from tcptrace_bpf.events import Event
+from tcptrace_bpf.filters import NO_FILTER
+from tcptrace_bpf.kernel import KernelSource
+from tcptrace_bpf.plan import make_plan
+from tcptrace_bpf.probe import probe_kernel
+from tcptrace_bpf.tracer import Tracer, header
+
+from .net import NetnsPair
+
+
+def missing_capability() -> Optional[str]:
+    if os.geteuid() != 0:
+        return "not root"
+    facts = probe_kernel()
+    plan = make_plan(facts)
+    fatal = [p.what for p in plan.problems if p.fatal]
+    return "; ".join(fatal) or None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def capabilities() -> None:
+    problem = missing_capability()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"integration tests cannot run: {problem}")
+        pytest.skip(f"integration tests need root, bcc and tracefs: {problem}")
+
+
+class Collector:
+    """Sink keeping every event and every finished lifecycle, for tests to wait on."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: list[Event] = []
+        self.done: list[Lifecycle] = []
+        self.footer: Optional[dict[str, Any]] = None
+
+    def start(self, header: dict[str, Any]) -> None:
+        pass
+
+    def event(self, ev: Event, lc: Optional[Lifecycle]) -> None:
+        with self.lock:
+            self.events.append(ev)
+
+    def finished(self, lc: Lifecycle) -> None:
+        with self.lock:
+            self.done.append(lc)
+
+    def tick(self, now: float) -> None:
+        pass
+
+    def close(self, footer: dict[str, Any]) -> None:
+        self.footer = footer
+
+
+class LiveTrace:
+    def __init__(self) -> None:
+        self.plan = make_plan(probe_kernel())
+        self.source = KernelSource(self.plan)
+        self.collector = Collector()
+        self.tracer = Tracer(self.source, [self.collector], Engine())
+        self.ready = threading.Event()
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.tracer.run(header(self.plan, NO_FILTER),
+                            on_ready=self.ready.set)
+        except BaseException as exc:  # surfaced to the tests by wait_for
+            self.error = exc
+            self.ready.set()
+
+    def start(self) -> None:
+        self.thread.start()
+        assert self.ready.wait(30), "tracer did not become ready"
+        assert self.error is None, self.error
+
+    def stop(self) -> None:
+        self.tracer.stop("test session over")
+        self.thread.join(10)
+
+    def wait_for(self, match: Callable[[Lifecycle], bool], count: int = 1, timeout: float = 10) -> list[Lifecycle]:
+        """Finished lifecycles matching `match`, once at least `count` exist (fails after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.error is None, self.error
+            with self.collector.lock:
+                found = [lc for lc in self.collector.done if match(lc)]
+            if len(found) >= count or time.monotonic() > deadline:
+                assert len(found) >= count, f"expected {count} lifecycles, found {len(found)}: {found}"
+                return found
+            time.sleep(0.05)
+
+    def events_for(self, match: Callable[[Event], bool]) -> list[Event]:
+        with self.collector.lock:
+            return [ev for ev in self.collector.events if match(ev)]
+
+    def lost(self) -> int:
+        return self.source.lost()
+
+
+@pytest.fixture(scope="session")
+def live() -> Any:
+    trace = LiveTrace()
+    trace.start()
+    yield trace
+    trace.stop()
+
+
+@pytest.fixture(scope="session")
+def netns() -> Any:
+    pair = NetnsPair(f"tt{os.getpid() % 10000}")
+    pair.create()
+    yield pair
+    pair.destroy()
