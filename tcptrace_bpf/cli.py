@@ -115,15 +115,23 @@ def record(output: str, flt: Filter, duration: Optional[float]) -> None:
     """
     from tcptrace_bpf.recording import Recorder
 
+    opened: list[Any] = []
+
+    def sinks(reasons: dict[int, str]) -> list[Any]:
+        # Opened only once the plan says tracing can work, so a refusal leaves no empty file behind.
+        try:
+            out = sys.stdout if output == "-" else open(output, "w", buffering=1 << 16)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
+        opened.append(out)
+        return [Recorder(out, flt, reasons)]
+
     try:
-        out = sys.stdout if output == "-" else open(output, "w", buffering=1 << 16)
-    except OSError as exc:
-        raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
-    try:
-        _run_tracer(lambda reasons: [Recorder(out, flt, reasons)], flt, duration)
+        _run_tracer(sinks, flt, duration)
     finally:
-        if out is not sys.stdout:
-            out.close()
+        for out in opened:
+            if out is not sys.stdout:
+                out.close()
 
 
 @cli.command()

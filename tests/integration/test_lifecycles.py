@@ -14,7 +14,16 @@ import time
 import pytest
 
 from tcptrace_bpf.events import (
-    CLOSE_WAIT, CLOSING, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, LAST_ACK, LISTEN, RESET_SENT, SYN_RECV, SYN_SENT,
+    CLOSE_WAIT,
+    CLOSING,
+    ESTABLISHED,
+    FIN_WAIT1,
+    FIN_WAIT2,
+    LAST_ACK,
+    LISTEN,
+    RESET_SENT,
+    SYN_RECV,
+    SYN_SENT,
     TIME_WAIT,
 )
 
