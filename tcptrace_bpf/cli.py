@@ -156,7 +156,8 @@ def report(file: str, as_json: bool, flt: Filter) -> None:
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
     else:
-        render(result, Console(highlight=False))
+        # Piped output keeps whole rows (rich would otherwise assume 80 columns and cut them).
+        render(result, Console(highlight=False, width=None if sys.stdout.isatty() else 200))
 
 
 @cli.command()

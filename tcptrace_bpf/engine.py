@@ -58,8 +58,9 @@ _RESET_ERRORS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED)
 
 class Interval(NamedTuple):
     """Time spent in one state.  `enter`/`leave` None: not observed.  `source` says how it was measured:
-    exact (both ends are kernel events), inferred (an end deduced, not seen), partial (the socket existed
-    before the trace: only the end was seen), gap (events were lost around it)."""
+    exact (both ends are kernel events), inferred (an end deduced, not seen: FIN_WAIT2 handed to the
+    timewait socket, whose duration is then a lower bound, and TIME_WAIT, whose end is not seen at all),
+    partial (the socket existed before the trace: only the end was seen), gap (events were lost around it)."""
 
     state: int
     enter: Optional[float]

@@ -19,6 +19,9 @@ from tcptrace_bpf.events import STATE_NAMES
 from tcptrace_bpf.filters import NO_FILTER, Filter
 from tcptrace_bpf.recording import read_records
 
+# Sources whose durations are measurements.  "inferred" intervals (FIN_WAIT2 handed to the timewait socket)
+# end where the kernel stopped showing them, not where the state ended: they are counted, never averaged in.
+MEASURED_SOURCES = ("exact", "peer", "polled")
 STATE_ORDER = [STATE_NAMES[n] for n in (10, 2, 3, 1, 4, 5, 8, 11, 9, 6)]
 TOP = 10
 
@@ -56,7 +59,7 @@ class Report:
         for st in rec["states"]:
             name = st.get("state")
             self.sources[name][st.get("source")] += 1
-            if st.get("duration") is not None:
+            if st.get("duration") is not None and st.get("source") in MEASURED_SOURCES:
                 self.durations[name].append(st["duration"])
             else:
                 self.unmeasured[name][st.get("source")] += 1
@@ -171,7 +174,7 @@ def render(report: Report, console: Console) -> None:
     console.print("\n[bold]Time in state[/]")
     table = Table()
     for col in ("state", "count", "measured", "p50", "p90", "p99", "max", "how measured"):
-        table.add_column(col, justify="left" if col in ("state", "how measured") else "right")
+        table.add_column(col, justify="left" if col in ("state", "how measured") else "right", no_wrap=True)
     for row in data["states"]:
         how = ", ".join(f"{src} {n}" for src, n in sorted(row["sources"].items()))
         table.add_row(row["state"], str(row["count"]), str(row["measured"]), fmt_seconds(row["p50"]),

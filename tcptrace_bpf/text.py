@@ -23,7 +23,8 @@ def timeline(intervals: list[Interval]) -> str:
     for iv in intervals:
         mark = MARKS.get(iv.source, "?")
         if iv.duration is not None:
-            dur = fmt_seconds(iv.duration)
+            # an inferred end is where the kernel stopped showing the state: a lower bound
+            dur = (">=" if iv.source == "inferred" else "") + fmt_seconds(iv.duration)
         elif iv.leave is None:
             dur = "entered" if iv.state == TIME_WAIT else "open"
         else:

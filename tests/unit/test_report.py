@@ -37,6 +37,8 @@ def test_state_percentiles_and_close_kinds():
     assert cw["count"] == 10 and cw["measured"] == 10
     assert cw["p50"] == pytest.approx(0.5) and cw["p90"] == pytest.approx(0.9) and cw["max"] == pytest.approx(1.0)
     assert rows["TIME_WAIT"]["measured"] == 0 and rows["TIME_WAIT"]["sources"] == {"inferred": 1}
+    # a FIN_WAIT2 handed to the timewait socket is a lower bound: counted, never in the percentiles
+    assert rows["FIN_WAIT2"]["count"] == 1 and rows["FIN_WAIT2"]["measured"] == 0 and rows["FIN_WAIT2"]["p50"] is None
     assert data["close"] == {"passive": 10, "active": 1, "open": 1}
     assert data["longest_close_wait"][0]["seconds"] == pytest.approx(1.0)
     assert data["time_wait_by_peer"] == [{"peer": "10.0.0.2:80", "count": 1}]
