@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from typing import Any, Callable, Optional
 
@@ -91,6 +92,10 @@ def _run_tracer(sinks_for: Callable[[dict[int, str]], list[Any]], flt: Filter, d
         tracer.run(header(plan, flt), duration=duration)
     except SourceError as exc:
         raise click.ClickException(str(exc)) from None
+    except BrokenPipeError:
+        # The reader went away (`record -o - | head`): stop quietly, as other Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 @cli.command()
