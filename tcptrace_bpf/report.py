@@ -49,7 +49,9 @@ class Report:
     unmeasured: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     sources: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     close_kinds: Counter = field(default_factory=Counter)
+    # (seconds held, still open at the end, record); an open one's seconds are known only in finish()
     close_wait: list[tuple[float, bool, dict[str, Any]]] = field(default_factory=list)
+    _open_close_wait: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     time_wait: Counter = field(default_factory=Counter)
     troubled: list[dict[str, Any]] = field(default_factory=list)
 
@@ -67,7 +69,7 @@ class Report:
                 if st.get("duration") is not None:
                     self.close_wait.append((st["duration"], False, rec))
                 elif st.get("enter") is not None and st.get("leave") is None:
-                    self.close_wait.append((-1.0 - st["enter"], True, rec))  # still open: fixed up in finish()
+                    self._open_close_wait.append((st["enter"], rec))
             if name == "TIME_WAIT":
                 self.time_wait[endpoint(rec.get("raddr"), rec.get("rport"))] += 1
         if rec.get("retransmits") or rec.get("resets_sent") or rec.get("resets_received"):
@@ -75,11 +77,9 @@ class Report:
 
     def finish(self) -> None:
         end = self.footer["ts"] if self.footer and self.footer.get("ts") is not None else self.last_ts
-        fixed = []
-        for dur, still_open, rec in self.close_wait:
-            fixed.append((end - (-1.0 - dur) if still_open else dur, still_open, rec))
-        fixed.sort(key=lambda item: -item[0])
-        self.close_wait = fixed[:TOP]
+        self.close_wait.extend((end - enter, True, rec) for enter, rec in self._open_close_wait)
+        self.close_wait.sort(key=lambda item: -item[0])
+        del self.close_wait[TOP:]
         self.troubled.sort(key=lambda r: -(r.get("retransmits", 0) + r.get("resets_sent", 0)
                                            + r.get("resets_received", 0)))
 
