@@ -69,23 +69,29 @@ def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def cli(ctx: click.Context) -> None:
     """Trace every TCP socket's life through the TCP states, with how long it spent in each.
 
-    With no command, runs `trace`.
+    With no command: the live view on a terminal, `trace` when the output is not a terminal.
     """
     if ctx.invoked_subcommand is None:
-        ctx.invoke(trace)
+        ctx.invoke(live if sys.stdout.isatty() else trace)
 
 
-def _run_tracer(sinks_for: Callable[[dict[int, str]], list[Any]], flt: Filter, duration: Optional[float]) -> None:
-    from tcptrace_bpf.kernel import KernelSource, SourceError
+def _kernel_plan() -> Any:
     from tcptrace_bpf.plan import make_plan
     from tcptrace_bpf.probe import probe_kernel
-    from tcptrace_bpf.tracer import Tracer, header
 
     facts = probe_kernel()
     plan = make_plan(facts)
     if plan.fatal:
         first = next(p for p in plan.problems if p.fatal)
         raise click.ClickException(f"cannot trace: {first.what} (fix: {first.fix}); see `tcptrace-bpf doctor`")
+    return facts, plan
+
+
+def _run_tracer(sinks_for: Callable[[dict[int, str]], list[Any]], flt: Filter, duration: Optional[float]) -> None:
+    from tcptrace_bpf.kernel import KernelSource, SourceError
+    from tcptrace_bpf.tracer import Tracer, header
+
+    facts, plan = _kernel_plan()
     tracer = Tracer(KernelSource(plan), sinks_for(facts.rst_reasons))
     tracer.install_signal_handlers()
     try:
@@ -96,6 +102,68 @@ def _run_tracer(sinks_for: Callable[[dict[int, str]], list[Any]], flt: Filter, d
         # The reader went away (`record -o - | head`): stop quietly, as other Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+
+
+@cli.command()
+@filter_options
+@click.option("--record", "record_to", help="Also record to this JSON Lines file while watching.")
+@click.option("--replay", type=click.Path(dir_okay=False, exists=True), help="Play a recording (no root needed).")
+@click.option("--speed", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Replay speed: 1 real time, 10 ten times faster, 0 as fast as possible.")
+@click.option("--duration", type=click.FloatRange(min=0), help="Stop after this many seconds.")
+def live(flt: Filter, record_to: Optional[str], replay: Optional[str], speed: float,
+         duration: Optional[float]) -> None:
+    """Full-screen live view: state counts with trends, open sockets, recent closes, diagnoses.
+
+    Keys: s sort column, f filter by state, p pause, q quit (Ctrl-C also quits).
+    """
+    from tcptrace_bpf.live import LiveApp
+    from tcptrace_bpf.recording import Recorder, RecordingError
+
+    console = Console(highlight=False)
+    opened: list[Any] = []
+    try:
+        if replay:
+            from tcptrace_bpf.replay import RecordingSource
+
+            if record_to:
+                raise click.UsageError("--record and --replay exclude each other")
+            stream = open(replay, encoding="utf-8")
+            opened.append(stream)
+            source: Any = RecordingSource(stream, replay, speed)
+            hooks = {"state": f"replay of {replay} at speed {speed:g}"}
+            head: dict[str, Any] = {"replay": replay}
+            reasons: dict[int, str] = {}
+        else:
+            from tcptrace_bpf.kernel import KernelSource
+            from tcptrace_bpf.tracer import header
+
+            facts, plan = _kernel_plan()
+            source = KernelSource(plan)
+            hooks, head, reasons = plan.hooks, header(plan, flt), facts.rst_reasons
+        extra: list[Any] = []
+        if record_to:
+            try:
+                out = sys.stdout if record_to == "-" else open(record_to, "w", buffering=1 << 16)
+            except OSError as exc:
+                raise click.ClickException(f"cannot write {record_to}: {exc.strerror}") from None
+            opened.append(out)
+            extra.append(Recorder(out, flt, reasons))
+        app = LiveApp(source, flt, hooks, extra)
+        footer = app.run(head, console, duration)
+    except RecordingError as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:
+        from tcptrace_bpf.kernel import SourceError
+
+        if isinstance(exc, SourceError):
+            raise click.ClickException(str(exc)) from None
+        raise
+    finally:
+        for stream in opened:
+            if stream is not sys.stdout:
+                stream.close()
+    click.echo(f"stopped ({footer.get('reason')}): {footer.get('events')} events, lost {footer.get('lost_events')}")
 
 
 @cli.command()

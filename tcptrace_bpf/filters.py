@@ -50,8 +50,11 @@ class Filter:
 
         partial=True is for sockets still being learned: a field not known yet (port 0, empty address,
         no owner) does not exclude them, so their first events are not dropped before the tuple is complete.
+        A listener's remote end never becomes known, so listeners are always matched in full.
         """
         get = obj.get if isinstance(obj, dict) else (lambda key: getattr(obj, key, None))
+        if get("role") == "listener":
+            partial = False
 
         def ok(value: Any, wanted: Any) -> bool:
             if value in (None, 0, ""):

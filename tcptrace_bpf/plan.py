@@ -152,7 +152,7 @@ def make_plan(facts: KernelFacts) -> Plan:
     if TP_SEND_LENGTH in tps and TP_RECV_LENGTH in tps:
         sources.append("owner.bpf.c")
         defines["TT_OWNER_TRACKING"] = 1
-        hooks["owner"] = ("connect/listen/close transitions, and sock:sock_send_length/sock_recv_length "
+        hooks["owner"] = ("connect/listen/close transitions, and tracepoint sock:sock_send_length/sock_recv_length "
                           "(first I/O per task)")
     else:
         hooks["owner"] = "connect/listen/close transitions; accepted sockets take their listener's owner"

@@ -112,7 +112,9 @@ class Recorder:
         self.out.flush()
 
     def event(self, ev: Event, lc: Optional[Lifecycle]) -> None:
-        if not self.filter.empty and not self.filter.match(lc if lc is not None else ev, partial=True):
+        # A lifecycle may still be learning its tuple (partial); an event without one carries its whole tuple.
+        if not self.filter.empty and not (self.filter.match(lc, partial=True) if lc is not None
+                                          else self.filter.match(ev)):
             return
         rec = event_record(ev, lc, self.reasons)
         if rec is not None:

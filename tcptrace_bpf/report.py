@@ -154,9 +154,9 @@ def build_report(lines: Iterable[str], name: str, flt: Filter = NO_FILTER) -> Re
 def fmt_seconds(value: Optional[float]) -> str:
     if value is None:
         return "-"
-    if value < 0.001:
+    if round(value * 1e6) < 1000:
         return f"{value * 1e6:.0f}us"
-    if value < 1:
+    if round(value * 1e3, 1) < 1000:
         return f"{value * 1e3:.1f}ms"
     return f"{value:.2f}s"
 

@@ -1,17 +1,20 @@
 """The driver: a source feeds the engine, the engine's output goes to sinks.  The only loop with a clock.
 
-Stopping is cooperative: a signal handler or the duration sets a flag the loop checks after each poll
-(at most POLL_MS), then everything still open is written as open and the footer closes the recording.
+begin() / step() / end() are the loop's parts, so the live view can run intake on its own thread and tests
+can drive it one step at a time; run() is the whole loop for record and trace.  Stopping is cooperative: a
+signal handler or the duration sets a flag that the loop checks after each poll (at most POLL_MS).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import signal
+import threading
 import time
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, ContextManager, Optional, Protocol
 
 from tcptrace_bpf import __version__
 from tcptrace_bpf.engine import Engine, Lifecycle
@@ -49,11 +52,16 @@ def header(plan: Plan, flt: Filter) -> dict[str, Any]:
 
 
 class Tracer:
-    def __init__(self, source: Source, sinks: list[Sink], engine: Optional[Engine] = None) -> None:
+    def __init__(self, source: Source, sinks: list[Sink], engine: Optional[Engine] = None,
+                 lock: Optional[threading.Lock] = None) -> None:
         self.source = source
         self.sinks = sinks
         self.engine = engine or Engine()
         self.stop_reason: Optional[str] = None
+        # Held while the engine changes, so a reader on another thread (the live view) sees whole batches.
+        self._lock: ContextManager[Any] = lock if lock is not None else contextlib.nullcontext()
+        self._seen_lost = 0
+        self._cpu_start = os.times()
 
     def stop(self, reason: str) -> None:
         self.stop_reason = reason
@@ -64,54 +72,69 @@ class Tracer:
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
 
-    def run(self, header: dict[str, Any], duration: Optional[float] = None,
-            on_ready: Optional[Callable[[], None]] = None) -> dict[str, Any]:
-        """Trace until stop() or `duration` seconds; returns the footer it wrote."""
-        engine, sinks, source = self.engine, self.sinks, self.source
-        source.start()
-        for sink in sinks:
+    def begin(self, header: dict[str, Any]) -> None:
+        """Attach (source.start) and only then announce: the header means every probe is in place."""
+        self.source.start()
+        self._cpu_start = os.times()
+        for sink in self.sinks:
             sink.start(header)
-        if on_ready:
-            on_ready()
-        seen_lost = 0
-        started = time.monotonic()
-        cpu_start = os.times()
-        try:
-            while self.stop_reason is None:
-                for ev in source.poll(POLL_MS):
-                    lc = engine.feed(ev)
-                    for sink in sinks:
-                        sink.event(ev, lc)
-                lost = source.lost()
-                if lost != seen_lost:
-                    engine.note_lost(lost - seen_lost)
-                    seen_lost = lost
-                now = source.now()
-                for lc in engine.advance(now):
-                    for sink in sinks:
-                        sink.finished(lc)
-                for sink in sinks:
-                    sink.tick(now)
-                if duration is not None and time.monotonic() - started >= duration:
-                    self.stop("duration")
-            # Drain what is already in the buffer, then close what remains.
-            for ev in source.poll(0):
+
+    def step(self, timeout_ms: int = POLL_MS) -> int:
+        """One poll: feed what arrived, pass on what became final.  Returns the number of events."""
+        engine, sinks, source = self.engine, self.sinks, self.source
+        events = source.poll(timeout_ms)
+        lost = source.lost()
+        with self._lock:
+            for ev in events:
                 lc = engine.feed(ev)
                 for sink in sinks:
                     sink.event(ev, lc)
-            engine.note_lost(source.lost() - seen_lost)
+            if lost != self._seen_lost:
+                engine.note_lost(lost - self._seen_lost)
+                self._seen_lost = lost
             now = source.now()
-            for lc in engine.finish():
+            for lc in engine.advance(now):
                 for sink in sinks:
                     sink.finished(lc)
+        for sink in sinks:
+            sink.tick(now)
+        return len(events)
+
+    def end(self) -> dict[str, Any]:
+        """Drain, write every still-open socket as open, close the source, write the footer."""
+        try:
+            self.step(0)
+            with self._lock:
+                for lc in self.engine.finish():
+                    for sink in self.sinks:
+                        sink.finished(lc)
+            now = self.source.now()
         finally:
-            source.close()
+            self.source.close()
         cpu = os.times()
+        engine = self.engine
         footer = {
             "ts": round(now, 6), "reason": self.stop_reason, "lost_events": engine.lost, "events": engine.events,
             "gaps": engine.gaps, "evicted": engine.evicted,
-            "cpu_seconds": round((cpu.user - cpu_start.user) + (cpu.system - cpu_start.system), 3),
+            "cpu_seconds": round((cpu.user - self._cpu_start.user) + (cpu.system - self._cpu_start.system), 3),
         }
-        for sink in sinks:
+        for sink in self.sinks:
             sink.close(footer)
         return footer
+
+    def run(self, header: dict[str, Any], duration: Optional[float] = None,
+            on_ready: Optional[Callable[[], None]] = None) -> dict[str, Any]:
+        """Trace until stop() or `duration` seconds; returns the footer it wrote."""
+        self.begin(header)
+        if on_ready:
+            on_ready()
+        started = time.monotonic()
+        try:
+            while self.stop_reason is None:
+                self.step()
+                if duration is not None and time.monotonic() - started >= duration:
+                    self.stop("duration")
+        except BaseException:
+            self.source.close()
+            raise
+        return self.end()

@@ -83,3 +83,13 @@ def test_torn_last_line_is_tolerated_and_reported():
     # the same torn text in the middle of a file is an error
     with pytest.raises(RecordingError):
         parse(torn + "\n" + text)
+
+
+def test_port_filter_excludes_other_listeners_and_socketless_resets():
+    from .streams import LISTEN_SK, st
+
+    events = [st(0, LISTEN_SK, 7, 10, laddr="127.0.0.1", lport=5555, raddr="", rport=0, pid=1, comm="x"),
+              other(RESET_SENT, 0.5, LISTEN_SK, old=10, err=1, lport=5555, raddr="", rport=0),
+              other(RESET_SENT, 0.6, 0, err=1, lport=9, rport=4444)]
+    recs = parse(record(events, end=5, flt=Filter(port=80)))
+    assert [r["type"] for r in recs] == ["header", "footer"]
