@@ -15,7 +15,7 @@ from tcptrace_bpf.replay import RecordingSource
 from tcptrace_bpf.view import History, render, sparkline, take_snapshot
 
 from .recordings import record
-from .streams import CLOSE, SYN_SENT, client_active_close, server_passive_close, st
+from .streams import CLOSE, ESTABLISHED, SYN_SENT, client_active_close, server_passive_close, st
 
 
 def text_of(renderable, width=140):
