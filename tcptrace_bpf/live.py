@@ -91,6 +91,7 @@ class LiveApp:
         self.paused = False
         self.notice = ""
         self._rows = 20
+        self.error: Optional[BaseException] = None
         self._last: Optional[Snapshot] = None
         self._started = started if started is not None else time.monotonic()
 
@@ -134,8 +135,8 @@ class LiveApp:
         try:
             while self.tracer.stop_reason is None:
                 self.tracer.step()
-        except BaseException as exc:  # shown by the UI thread, which then stops
-            self.notice = f"intake stopped: {exc}"
+        except BaseException as exc:  # the UI thread stops and run() raises it once the screen is restored
+            self.error = exc
             self.tracer.stop("error")
 
     def run(self, header: dict[str, Any], console: Console, duration: Optional[float] = None) -> dict[str, Any]:
@@ -162,4 +163,7 @@ class LiveApp:
         except KeyboardInterrupt:
             tracer.stop("SIGINT")
         intake.join(5)
-        return tracer.end()
+        footer = tracer.end()
+        if self.error is not None:
+            raise self.error
+        return footer

@@ -78,3 +78,30 @@ def test_record_to_unwritable_path(monkeypatch):
     result = CliRunner().invoke(cli, ["record", "--output", "/proc/nope/x.jsonl", "--duration", "0"])
     assert result.exit_code == 1
     assert result.output.strip() == "Error: cannot write /proc/nope/x.jsonl: No such file or directory"
+
+
+def test_live_replay_without_root_or_bcc(tmp_path):
+    path = write(tmp_path, record(client_active_close() + server_passive_close(t0=5), end=20))
+    result = CliRunner().invoke(cli, ["live", "--replay", path, "--speed", "0", "--duration", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert "stopped (duration)" in result.output and "lost 0" in result.output
+
+
+def test_live_replay_bad_recording(tmp_path):
+    path = write(tmp_path, '{"type": "header", "schema": 1}\nnot json\n')
+    result = CliRunner().invoke(cli, ["live", "--replay", path, "--speed", "0", "--duration", "0.3"])
+    assert result.exit_code == 1 and f"{path}:2: not JSON" in result.output and "Traceback" not in result.output
+
+
+def test_live_replay_and_record_exclude_each_other(tmp_path):
+    path = write(tmp_path, record(client_active_close(), end=20))
+    result = CliRunner().invoke(cli, ["live", "--replay", path, "--record", str(tmp_path / "x.jsonl")])
+    assert result.exit_code == 2 and "exclude each other" in result.output
+
+
+def test_live_replay_bad_line_mid_file(tmp_path):
+    lines = record(client_active_close(), end=20).splitlines(keepends=True)
+    lines.insert(4, "{broken\n")
+    path = write(tmp_path, "".join(lines))
+    result = CliRunner().invoke(cli, ["live", "--replay", path, "--speed", "0", "--duration", "2"])
+    assert result.exit_code == 1 and f"{path}:5: not JSON" in result.output and "Traceback" not in result.output
