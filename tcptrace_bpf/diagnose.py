@@ -87,7 +87,11 @@ class Diagnoser:
 
     # --- output --------------------------------------------------------------------------------------
     def diagnose(self, open_sockets: Iterable[Lifecycle], now: float) -> list[Diagnosis]:
-        self._expire(now)
+        """Everything: diagnose_open() then diagnose_windows()."""
+        return self.diagnose_open(open_sockets, now) + self.diagnose_windows(now)
+
+    def diagnose_open(self, open_sockets: Iterable[Lifecycle], now: float) -> list[Diagnosis]:
+        """From the open sockets alone (a scan: the live view runs it outside the intake lock)."""
         out: list[Diagnosis] = []
         close_wait: dict[str, list[float]] = defaultdict(list)
         fin_wait2: list[tuple[float, Lifecycle]] = []
@@ -108,6 +112,12 @@ class Diagnoser:
                                  f"{len(fin_wait2)} sockets in FIN_WAIT2 over {FIN_WAIT2_HELD:.0f}s, longest "
                                  f"{age(held)} ({endpoint(lc.laddr, lc.lport)} -> {endpoint(lc.raddr, lc.rport)}, "
                                  f"{who(lc.pid, lc.comm)})"))
+        return out
+
+    def diagnose_windows(self, now: float) -> list[Diagnosis]:
+        """From the last minute of events (the windows change with intake: call under the intake lock)."""
+        self._expire(now)
+        out: list[Diagnosis] = []
         tw_by_peer = Counter(peer for _ts, peer in self._tw)
         if tw_by_peer:
             peer, count = tw_by_peer.most_common(1)[0]

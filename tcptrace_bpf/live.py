@@ -111,20 +111,27 @@ class LiveApp:
 
     # --- frames --------------------------------------------------------------------------------------
     def snapshot(self, height: int) -> Snapshot:
-        """A new snapshot (or the frozen one while paused), sized to `height` lines."""
+        """A new snapshot (or the frozen one while paused), sized to `height` lines.
+
+        The intake lock is held only to copy references and read the one-minute windows; the scan over
+        open sockets runs outside it (attribute reads are atomic; a frame may mix two adjacent batches).
+        """
         if self.paused and self._last is not None:
             self._last.paused = True
             return self._last
         source = self.tracer.source
         with self.lock:
             now = source.now()
-            diagnoses = self.view.diagnoser.diagnose(
-                (lc for lc in self.engine.open.values() if self.filter.empty or self.filter.match(lc, True)), now)
-            snap = take_snapshot(
-                self.engine.open.values(), list(self.view.closes), now, uptime=now, hooks=self.hooks,
-                lost=self.engine.lost, events=self.engine.events, history=self.history, flt=self.filter,
-                sort=self.sort, state_filter=self.state_filter, limit=self._rows, paused=self.paused,
-                diagnoses=diagnoses)
+            open_sockets = list(self.engine.open.values())
+            closes = list(self.view.closes)
+            windows = self.view.diagnoser.diagnose_windows(now)
+            lost, events = self.engine.lost, self.engine.events
+        mine = open_sockets if self.filter.empty else [lc for lc in open_sockets if self.filter.match(lc, True)]
+        diagnoses = self.view.diagnoser.diagnose_open(mine, now) + windows
+        snap = take_snapshot(
+            open_sockets, closes, now, uptime=now, hooks=self.hooks, lost=lost, events=events,
+            history=self.history, flt=self.filter, sort=self.sort, state_filter=self.state_filter,
+            limit=self._rows, paused=self.paused, diagnoses=diagnoses)
         snap.notice = self.notice
         self._rows = rows_that_fit(height, len(snap.counts), len(snap.diagnoses))
         self._last = snap
@@ -153,9 +160,11 @@ class LiveApp:
             with KeyReader() as keys, Live(console=console, screen=True, auto_refresh=False,
                                            transient=False) as live:
                 while tracer.stop_reason is None:
+                    began = time.monotonic()
                     snap = self.snapshot(console.size.height)
                     live.update(render(snap), refresh=True)
-                    key = keys.read(FRAME_SECONDS)
+                    # Drawing gets at most about a quarter of a core, however many sockets there are.
+                    key = keys.read(max(FRAME_SECONDS, 3 * (time.monotonic() - began)))
                     if key is not None and not self.key(key):
                         tracer.stop("q")
                     if duration is not None and time.monotonic() - started >= duration:

@@ -19,7 +19,7 @@ from rich.text import Text
 
 from tcptrace_bpf.diagnose import Diagnosis, age, endpoint, who
 from tcptrace_bpf.engine import Lifecycle
-from tcptrace_bpf.events import LISTEN, STATE_NAMES, state_name
+from tcptrace_bpf.events import LISTEN, STATE_NAMES, STATE_NUMBERS, state_name
 from tcptrace_bpf.filters import Filter
 from tcptrace_bpf.text import timeline
 
@@ -123,17 +123,20 @@ def take_snapshot(open_sockets: Iterable[Lifecycle], closes: Iterable[Lifecycle]
                   hooks: str, lost: int, events: int, history: History, flt: Filter, sort: str,
                   state_filter: Optional[str], limit: int, paused: bool,
                   diagnoses: list[Diagnosis]) -> Snapshot:
-    counts: dict[str, int] = {}
+    by_state: dict[int, int] = {}
     chosen: list[Lifecycle] = []
     tracked = 0
+    filtering = not flt.empty
+    wanted = STATE_NUMBERS.get(state_filter or "")
     for lc in open_sockets:
         tracked += 1
-        if not flt.empty and not flt.match(lc, partial=True):
+        if filtering and not flt.match(lc, partial=True):
             continue
-        name = state_name(lc.state)
-        counts[name] = counts.get(name, 0) + 1
-        if state_filter is None or name == state_filter:
+        state = lc.state
+        by_state[state] = by_state.get(state, 0) + 1
+        if wanted is None or state == wanted:
             chosen.append(lc)
+    counts = {state_name(state): n for state, n in by_state.items()}
     history.sample(now, counts, events)
     top = heapq.nlargest(limit, chosen, key=_SORT_KEYS[sort])
     recent = [(lc.end if lc.end is not None else lc.last_ts,
