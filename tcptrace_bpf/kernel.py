@@ -16,6 +16,7 @@ from tcptrace_bpf import wire
 from tcptrace_bpf.events import Event
 from tcptrace_bpf.plan import Plan
 
+MISSES_EVERY = 0.5
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.M)
 
 
@@ -48,6 +49,18 @@ def program_text(plan: Plan, directory: Optional[Path] = None) -> str:
     return "\n".join(inline(name) for name in plan.sources)
 
 
+def recursion_misses(prog_fd: int) -> int:
+    """Times the kernel skipped this program because of its recursion guard (0 where not reported)."""
+    try:
+        with open(f"/proc/self/fdinfo/{prog_fd}") as info:
+            for line in info:
+                if line.startswith("recursion_misses:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 class SourceError(Exception):
     """The BPF programs could not be compiled, loaded or attached."""
 
@@ -61,6 +74,8 @@ class KernelSource:
         self._bpf: Any = None
         self._chunks: list[bytes] = []
         self._perf_lost = 0
+        self._misses = 0
+        self._misses_read = float("-inf")
 
     def start(self) -> None:
         from bcc import BPF  # imported late: heavy, and only the live kernel source needs it
@@ -92,6 +107,8 @@ class KernelSource:
         return (time.monotonic_ns() - self.epoch_ns) / 1e9
 
     def poll(self, timeout_ms: int) -> list[Event]:
+        if timeout_ms == 0:  # the final drain: make the next lost() read the skip counters afresh
+            self._misses_read = float("-inf")
         if self.plan.ringbuf:
             self._bpf.ring_buffer_poll(timeout_ms)
         else:
@@ -102,10 +119,19 @@ class KernelSource:
         return list(wire.decode(chunks, self.epoch_ns))
 
     def lost(self) -> int:
-        """Events not delivered so far (failed ring-buffer reserves on every CPU, or perf-buffer losses)."""
+        """Events not delivered so far: failed ring-buffer reserves on every CPU (or perf-buffer losses), plus
+        runs the kernel skipped.  A tracepoint program is not run when another BPF program is already
+        running on that CPU (the per-CPU recursion guard: a softirq that interrupted one); the kernel counts
+        those per program as recursion_misses (5.12+), read here from the program's fdinfo.
+        """
         total = self._perf_lost
         if self._bpf is not None:
             total += int(self._bpf[b"lost"].sum(0).value)
+            now = time.monotonic()
+            if now - self._misses_read >= MISSES_EVERY:  # fdinfo costs ~20 us a program: not every poll
+                self._misses = sum(recursion_misses(fn.fd) for fn in self._bpf.funcs.values())
+                self._misses_read = now
+            total += self._misses
         return total
 
     def close(self) -> None:

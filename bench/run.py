@@ -1,0 +1,725 @@
+#!/usr/bin/env python3
+"""Connection-churn benchmark for tcptrace-bpf (issue 6): what tracing costs a machine at its maximum churn.
+
+    sudo .venv/bin/python bench/run.py [--seconds 30] [--rounds 2] [--quick] [--rates 2000,4000]
+
+It compiles bench/churn.c (a C load on loopback, bounded in time, that stops by itself) and runs it in phases,
+side by side in one run: untraced, traced by `tcptrace-bpf record --output FILE`, and traced by bcc's
+tcpstates writing to a file when that tool is installed.  Phases are repeated in mirrored order (U T S, then
+S T U, ...) because this machine is shared and noisy: drift over the run then weighs on every kind alike, and
+each kind's throughput is the mean of its rounds.  Then it times `tcptrace-bpf report FILE --json` on a
+recording, and prints one plain-text table plus the issue's goals with what was measured.
+
+Why each number is measured the way it is:
+- connections/s comes from the load itself (connections completed / seconds the clients ran), so it is the
+  same measure with and without a tracer, and the ratio traced/untraced is the cost of tracing as seen by the
+  workload: BPF programs in the kernel's TCP path plus the frontend's CPU taken from a 2-core machine.
+- lost events come from the recording's footer (tcptrace-bpf) or from bcc's "Possibly lost N samples" lines
+  (tcpstates).  "accounted" checks they are exact: this load makes a known number of events per connection
+  (see churn.c), so events delivered + events reported lost must equal that number (100% = exact).
+- tracer CPU is utime+stime from /proc/PID/stat over the load window only (100% = one core), so compiling the
+  BPF programs at start-up is not averaged in; the footer's whole-run cpu_seconds is kept in --json output.
+- RSS: VmRSS at the end of the load (the steady state), and the peak (ru_maxrss from wait4, the whole life,
+  including bcc's compile at start-up).
+- ready: from launching `record` until its header line is in the file (the header is written once every
+  probe is attached).  tcpstates has no such line and its output is block-buffered, so it is made to write by
+  small probe connections every 10 ms: its ready time is an upper bound within ~0.1 s.
+
+Not a timed test: it exits 0 whatever it measures (CI does not gate on it), and non-zero only when it could
+not measure.  Every process it starts runs in its own session and is stopped on every way out (end, error,
+Ctrl-C, SIGTERM), tracers with SIGINT first so they detach their probes and write their footer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# What one churn.c connection produces (see churn.c): 10 state changes, plus for tcptrace-bpf one owner
+# report per socket (its first send/recv: client send, server recv).  Used to check lost counts are exact.
+TRANSITIONS_PER_CONNECTION = 10
+EVENTS_PER_CONNECTION = TRANSITIONS_PER_CONNECTION + 2
+
+# Issue 6's goals, shown next to what was measured (informative only: nothing gates on them).
+GOAL_RATIO = 0.90
+GOAL_READY_S = 2.0
+GOAL_RSS_MB = 200.0
+GOAL_REPORT_RPS = 200_000
+
+UNTRACED, TCPTRACE, TCPSTATES = "untraced", "tcptrace-bpf", "tcpstates"
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGHUP reached the benchmark: unwind through the clean-up like Ctrl-C does."""
+
+
+class BenchError(Exception):
+    """Something needed for a measurement failed (a tracer did not start, the load failed, ...)."""
+
+
+# --- processes ------------------------------------------------------------------------------------------
+
+
+class Children:
+    """Every process the benchmark starts, so that each one is stopped on any exit path.
+
+    Each child gets its own session: Ctrl-C at the terminal then reaches only the benchmark, which stops its
+    children in order (a tracer must get SIGINT and time to detach its probes and write its footer).
+    """
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[subprocess.Popen[bytes], int]] = []
+
+    def start(self, argv: list[str], stop_signal: int = signal.SIGTERM, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc: subprocess.Popen[bytes] = subprocess.Popen(argv, start_new_session=True, **kwargs)
+        self.procs.append((proc, stop_signal))
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float) -> Optional[resource.struct_rusage]:
+        """Ask `proc` to stop with its signal, SIGKILL after `timeout`; returns its rusage (None: not ours)."""
+        sig = next((s for p, s in self.procs if p is proc), signal.SIGTERM)
+        if proc.returncode is not None:  # already reaped (communicate): nothing to stop
+            self.procs = [(p, s) for p, s in self.procs if p is not proc]
+            return None
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        usage = wait_rusage(proc, timeout)
+        if usage is None:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            usage = wait_rusage(proc, 10)
+        self.procs = [(p, s) for p, s in self.procs if p is not proc]
+        return usage
+
+    def stop_all(self) -> None:
+        for proc, _sig in list(self.procs):
+            if proc.returncode is None:
+                print(f"stopping pid {proc.pid} ({os.path.basename(str(proc.args[0]))})", file=sys.stderr)
+            self.stop(proc, timeout=10)
+
+
+def wait_rusage(proc: subprocess.Popen[bytes], timeout: float) -> Optional[resource.struct_rusage]:
+    """Reap `proc` with wait4 to get its rusage (peak RSS over its whole life); None if still running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.returncode is not None:
+            return None  # reaped elsewhere: its rusage is gone
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            proc.returncode = -1
+            return None
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process (all its threads), from /proc/PID/stat."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_memory_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a live process, in MiB."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            found[line[:5]] = int(line.split()[1]) / 1024
+    return found.get("VmRSS", float("nan")), found.get("VmHWM", float("nan"))
+
+
+def machine_cpu() -> tuple[int, int, int]:
+    """(total, idle, steal) jiffies of the whole machine, to show how busy and how stolen a phase was."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(parts[:8])  # guest times are already inside user/nice
+    return total, parts[3] + parts[4], parts[7]
+
+
+def count_lines(path: Path) -> int:
+    """Newlines in a (possibly GB-sized) file, in 4 MiB chunks."""
+    n = 0
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 22)
+            if not chunk:
+                return n
+            n += chunk.count(b"\n")
+
+
+def count_tcpstates_lines(path: Path, port: int) -> int:
+    """tcpstates output lines about one port (local or remote): the load's lines, without the probes' or
+    any other traffic's.  Columns are parsed from the right because the command name may hold spaces."""
+    wanted = str(port).encode()
+    n = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            if wanted in line:
+                parts = line.rsplit(None, 7)  # [.. LADDR, LPORT, RADDR, RPORT, OLD, ->, NEW, MS]
+                if len(parts) == 8 and (parts[1] == wanted or parts[3] == wanted):
+                    n += 1
+    return n
+
+
+def last_line(path: Path) -> str:
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - 65536))
+        lines = fh.read().splitlines()
+    return lines[-1].decode("utf-8", "replace") if lines else ""
+
+
+# --- measurements ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """One load run, and what the tracer watching it (if any) cost and reported."""
+
+    kind: str
+    round: int
+    target_rate: Optional[float]
+    connections: int
+    seconds: float
+    errors: int
+    port: int  # the load's listening port
+    machine_busy_pct: float
+    steal_pct: float
+    lost: Optional[int] = None
+    delivered: Optional[int] = None  # events (tcptrace-bpf footer) or output lines (tcpstates)
+    expected: Optional[int] = None  # what the load made, in the same unit as delivered + lost
+    tracer_cpu_pct: Optional[float] = None  # during the load window, 100 = one core
+    tracer_cpu_total_s: Optional[float] = None
+    rss_mb: Optional[float] = None  # at the end of the load
+    peak_rss_mb: Optional[float] = None  # whole life
+    ready_s: Optional[float] = None
+    output_mb: Optional[float] = None
+
+    @property
+    def rate(self) -> float:
+        return self.connections / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def accounted(self) -> Optional[float]:
+        if self.delivered is None or self.lost is None or not self.expected:
+            return None
+        return (self.delivered + self.lost) / self.expected
+
+    @property
+    def label(self) -> str:
+        rate = f" @{self.target_rate:.0f}/s" if self.target_rate else ""
+        return f"{self.kind}{rate} #{self.round + 1}"
+
+
+@dataclass
+class ReportSpeed:
+    records: int
+    seconds: float
+    file_mb: float
+    peak_rss_mb: float
+    connections: Optional[int]
+    ok: bool
+
+    @property
+    def records_per_s(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else 0.0
+
+
+class Bench:
+    """Runs the phases.  Holds the options, the scratch directory and the children to stop."""
+
+    def __init__(self, args: argparse.Namespace, children: Children, workdir: Path) -> None:
+        self.args = args
+        self.children = children
+        self.workdir = workdir
+        self.churn = workdir / "churn"
+        self.tracer_cmd = tracer_command(args.tracer)
+        self.tcpstates = None if args.no_tcpstates else find_tcpstates()
+        self.report_source: Optional[Path] = None  # the recording `report` is timed on
+
+    def build(self) -> None:
+        """Compile churn.c for this machine (gcc is the only build dependency)."""
+        cc = shutil.which("gcc") or shutil.which("cc")
+        if cc is None:
+            raise BenchError("gcc (or cc) is needed to build bench/churn.c: apt-get install gcc")
+        cmd = [cc, "-O2", "-Wall", "-pthread", "-o", str(self.churn), str(HERE / "churn.c")]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise BenchError(f"building churn failed:\n{done.stderr}")
+
+    def load(self, seconds: float, rate: Optional[float] = None,
+             during: Optional[Callable[[], None]] = None) -> tuple[dict[str, Any], tuple[int, int, int]]:
+        """Run churn for `seconds`; returns its result line and the machine's CPU jiffies spent meanwhile."""
+        argv = [str(self.churn), "-d", f"{seconds:g}", "-w", str(self.args.clients), "-a", self.args.address]
+        if self.args.servers:
+            argv += ["-s", str(self.args.servers)]
+        if rate:
+            argv += ["-r", f"{rate:g}"]
+        before = machine_cpu()
+        proc = self.children.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            raise BenchError("churn did not end within its duration + 30 s") from None
+        finally:
+            self.children.stop(proc, timeout=5)
+        if during is not None:
+            during()
+        after = machine_cpu()
+        lines = out.decode().strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            raise BenchError(f"churn failed (exit {proc.returncode}): {err.decode().strip()}")
+        result = json.loads(lines[-1])
+        if result["errors"]:
+            print(f"  churn: {result['errors']} failed connections: {err.decode().strip()[:300]}", file=sys.stderr)
+        spent = (after[0] - before[0], after[1] - before[1], after[2] - before[2])
+        return result, spent
+
+    def _phase(self, kind: str, rnd: int, rate: Optional[float], result: dict[str, Any],
+               spent: tuple[int, int, int]) -> Phase:
+        total = max(1, spent[0])
+        return Phase(kind=kind, round=rnd, target_rate=rate, connections=result["connections"],
+                     seconds=result["seconds"], errors=result["errors"], port=result["port"],
+                     machine_busy_pct=100 * (total - spent[1]) / total, steal_pct=100 * spent[2] / total)
+
+    def untraced(self, rnd: int) -> Phase:
+        result, spent = self.load(self.args.seconds)
+        return self._phase(UNTRACED, rnd, None, result, spent)
+
+    def traced(self, rnd: int, rate: Optional[float] = None) -> Phase:
+        """`tcptrace-bpf record` to a file while the load runs; ready time, CPU, RSS and the footer."""
+        path = self.workdir / f"record-{rnd}{'-' + str(int(rate)) if rate else ''}.jsonl"
+        errpath = path.with_suffix(".stderr")
+        with open(errpath, "wb") as err:
+            started = time.monotonic()
+            proc = self.children.start(self.tracer_cmd + ["record", "--output", str(path)], signal.SIGINT,
+                                       stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+        try:
+            ready = wait_for_header(proc, path, started, timeout=60, errpath=errpath)
+            phase = self._watch(proc, TCPTRACE, rnd, rate, stop_timeout=120)
+        except BaseException:
+            self.children.stop(proc, timeout=10)
+            raise
+        phase.ready_s = ready
+        footer = json.loads(last_line(path) or "{}")
+        if footer.get("type") != "footer":
+            raise BenchError(f"{path} has no footer (exit {proc.returncode}): {errpath.read_text()[-500:]}")
+        phase.lost = int(footer["lost_events"])
+        phase.delivered = int(footer["events"])
+        phase.expected = EVENTS_PER_CONNECTION * phase.connections
+        phase.tracer_cpu_total_s = footer.get("cpu_seconds")
+        phase.output_mb = path.stat().st_size / 2**20
+        self._keep_for_report(path, paced=bool(rate))
+        errpath.unlink()
+        return phase
+
+    def tcpstates_phase(self, rnd: int) -> Phase:
+        """bcc's tcpstates with its output sent to a file, as in the earlier measurement of issue 6."""
+        assert self.tcpstates is not None
+        path = self.workdir / f"tcpstates-{rnd}.txt"
+        errpath = path.with_suffix(".stderr")
+        with open(path, "wb") as out, open(errpath, "wb") as err:
+            started = time.monotonic()
+            proc = self.children.start([self.tcpstates], signal.SIGINT, stdout=out, stderr=err)
+        try:
+            ready = wait_for_output(proc, path, started, timeout=60, address=self.args.address)
+            phase = self._watch(proc, TCPSTATES, rnd, None, stop_timeout=30)
+        except BaseException:
+            self.children.stop(proc, timeout=10)
+            raise
+        phase.ready_s = ready
+        stderr = errpath.read_text(errors="replace")
+        phase.lost = sum(int(line.split()[2]) for line in stderr.splitlines() if line.startswith("Possibly lost "))
+        phase.delivered = count_tcpstates_lines(path, phase.port)
+        phase.expected = TRANSITIONS_PER_CONNECTION * phase.connections
+        phase.output_mb = path.stat().st_size / 2**20
+        if not self.args.keep:
+            path.unlink()
+            errpath.unlink()
+        return phase
+
+    def _watch(self, proc: subprocess.Popen[bytes], kind: str, rnd: int, rate: Optional[float],
+               stop_timeout: float) -> Phase:
+        """Run the load beside a ready tracer: its CPU over the load window, RSS at the end, then stop it.
+
+        `record` may need a while to stop when it is behind (it drains the ring buffer and writes every
+        open socket), so it gets `stop_timeout` seconds before SIGKILL.
+        """
+        cpu0 = proc_cpu_seconds(proc.pid)
+        t0 = time.monotonic()
+        seen: dict[str, float] = {}
+
+        def at_end() -> None:
+            seen["cpu"] = proc_cpu_seconds(proc.pid)
+            seen["wall"] = time.monotonic() - t0
+            seen["rss"], seen["hwm"] = proc_memory_mb(proc.pid)
+
+        seconds = self.args.rate_seconds if rate else self.args.seconds
+        result, spent = self.load(seconds, rate, during=at_end)
+        if proc.poll() is not None:
+            raise BenchError(f"{kind} exited during the load (exit {proc.returncode})")
+        usage = self.children.stop(proc, timeout=stop_timeout)
+        phase = self._phase(kind, rnd, rate, result, spent)
+        phase.tracer_cpu_pct = 100 * (seen["cpu"] - cpu0) / seen["wall"]
+        phase.rss_mb = seen["rss"]
+        # Peak: the larger of VmHWM at the end of the load and wait4's ru_maxrss (which also covers the stop).
+        phase.peak_rss_mb = max(seen["hwm"], usage.ru_maxrss / 1024 if usage else 0.0)
+        return phase
+
+    def _keep_for_report(self, path: Path, paced: bool) -> None:
+        """Keep one recording (the newest at maximum churn) for timing `report`; delete the rest."""
+        if paced:  # smaller, not the one to time
+            if not self.args.keep:
+                path.unlink()
+            return
+        if self.report_source is not None and not self.args.keep:
+            self.report_source.unlink(missing_ok=True)
+        self.report_source = path
+
+    def report_speed(self) -> Optional[ReportSpeed]:
+        """Time `tcptrace-bpf report FILE --json` on a recording: records (lines) per second."""
+        path = self.report_source
+        if path is None:
+            return None
+        records = count_lines(path)
+        outpath = self.workdir / "report.json"
+        with open(outpath, "wb") as out:
+            started = time.monotonic()
+            proc = self.children.start(self.tracer_cmd + ["report", str(path), "--json"],
+                                       stdout=out, stderr=subprocess.PIPE, cwd=REPO)
+            usage = wait_rusage(proc, timeout=1800)
+            elapsed = time.monotonic() - started
+        if usage is None:
+            self.children.stop(proc, timeout=5)
+            raise BenchError("report did not finish within 30 minutes")
+        self.children.procs = [(p, s) for p, s in self.children.procs if p is not proc]
+        connections = None
+        try:
+            connections = json.loads(outpath.read_text()).get("connections")
+        except ValueError:
+            pass
+        return ReportSpeed(records=records, seconds=elapsed, file_mb=path.stat().st_size / 2**20,
+                           peak_rss_mb=usage.ru_maxrss / 1024, connections=connections, ok=proc.returncode == 0)
+
+
+def tracer_command(given: Optional[str]) -> list[str]:
+    """The tcptrace-bpf command: --tracer, else the checkout's .venv, else this interpreter's module."""
+    if given:
+        return given.split()
+    venv = REPO / ".venv" / "bin" / "tcptrace-bpf"
+    if venv.exists():
+        return [str(venv)]
+    return [sys.executable, "-m", "tcptrace_bpf"]
+
+
+def find_tcpstates() -> Optional[str]:
+    for name in ("tcpstates-bpfcc", "tcpstates"):
+        found = shutil.which(name) or next(
+            (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/share/bcc/tools") / name) if p.exists()), None)
+        if found:
+            return found
+    return None
+
+
+def wait_for_header(proc: subprocess.Popen[bytes], path: Path, started: float, timeout: float,
+                    errpath: Path) -> float:
+    """Seconds from launch until `record` has written its header line (every probe attached)."""
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path, "rb") as fh:
+                first = fh.readline()
+            if first.endswith(b"\n") and first.startswith(b'{"type": "header"'):
+                return time.monotonic() - started
+        except FileNotFoundError:
+            pass
+        if proc.poll() is not None:
+            raise BenchError(f"tcptrace-bpf record exited (status {proc.returncode}) before it was ready: "
+                             f"{errpath.read_text(errors='replace').strip()[-500:]}")
+        time.sleep(0.005)
+    raise BenchError(f"tcptrace-bpf record wrote no header within {timeout:.0f} s")
+
+
+def wait_for_output(proc: subprocess.Popen[bytes], path: Path, started: float, timeout: float,
+                    address: str) -> float:
+    """tcpstates' readiness: make a probe connection every 10 ms until its (block-buffered) output appears.
+
+    Returns seconds from launch.  The probes use their own port, so they are not counted as the load's.
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+
+    try:
+        listener.bind((address, 0))
+        listener.listen(128)
+        listener.settimeout(0.2)
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        port = listener.getsockname()[1]
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            if path.stat().st_size > 0:
+                return time.monotonic() - started
+            if proc.poll() is not None:
+                raise BenchError(f"tcpstates exited (status {proc.returncode}) before it was ready")
+            with socket.create_connection((address, port), timeout=1):
+                pass
+            time.sleep(0.01)
+        raise BenchError(f"tcpstates wrote nothing within {timeout:.0f} s")
+    finally:
+        stop.set()
+        listener.close()
+
+
+# --- output --------------------------------------------------------------------------------------------------
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def table(rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = []
+    for n, row in enumerate(rows):
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        out.append("  ".join(cells).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def render(phases: list[Phase], speed: Optional[ReportSpeed], untraced_rate: float) -> str:
+    head = ["phase", "conn/s", "vs untraced", "lost events", "accounted", "tracer CPU", "RSS MB (peak)",
+            "ready s", "busy/steal"]
+    rows = [head]
+    for p in phases:
+        rss = None if p.rss_mb is None else f"{p.rss_mb:.0f} ({fmt(p.peak_rss_mb, '.0f')})"
+        rows.append([
+            p.label, f"{p.rate:,.0f}", f"{p.rate / untraced_rate:.2f}x" if untraced_rate and not p.target_rate else "-",
+            fmt(p.lost, ","), fmt(None if p.accounted is None else 100 * p.accounted, ".2f", "%"),
+            fmt(p.tracer_cpu_pct, ".0f", "%"), rss or "-", fmt(p.ready_s, ".2f"),
+            f"{p.machine_busy_pct:.0f}%/{p.steal_pct:.0f}%",
+        ])
+    rows.append([""] * len(head))
+    for kind in (UNTRACED, TCPTRACE, TCPSTATES):
+        group = [p for p in phases if p.kind == kind and not p.target_rate]
+        if not group:
+            continue
+        rate = mean([p.rate for p in group])
+        lost = [p.lost for p in group if p.lost is not None]
+        cpu = [p.tracer_cpu_pct for p in group if p.tracer_cpu_pct is not None]
+        rss = [p.rss_mb for p in group if p.rss_mb is not None]
+        peak = [p.peak_rss_mb for p in group if p.peak_rss_mb is not None]
+        ready = [p.ready_s for p in group if p.ready_s is not None]
+        acc = [p.accounted for p in group if p.accounted is not None]
+        rows.append([
+            f"{kind} (mean of {len(group)})", f"{rate:,.0f}", f"{rate / untraced_rate:.2f}x" if untraced_rate else "-",
+            f"{sum(lost):,}" if lost else "-", f"{100 * mean(acc):.2f}%" if acc else "-",
+            f"{mean(cpu):.0f}%" if cpu else "-",
+            f"{max(rss):.0f} ({max(peak):.0f})" if rss and peak else "-", f"{max(ready):.2f}" if ready else "-", "",
+        ])
+    text = table(rows, right={1, 2, 3, 4, 5, 6, 7, 8})
+    text += ("\n\nconn/s: connections completed per second by the load (client connect, send 1 byte, server"
+             " closes).\nlost events: the tracer's own count; accounted: (delivered + lost) / what the load made"
+             f" ({EVENTS_PER_CONNECTION} events per connection for tcptrace-bpf, {TRANSITIONS_PER_CONNECTION}"
+             " lines for tcpstates): 100% = the lost count is exact.\ntracer CPU: over the load window, 100% ="
+             " one core.  RSS: at the end of the load (peak over the whole life).  ready: launch to probes"
+             " attached.\nbusy/steal: the whole machine's CPU during the phase.")
+    if speed is not None:
+        text += (f"\n\nreport --json: {speed.records:,} records ({speed.file_mb:,.0f} MB) in {speed.seconds:.1f} s ="
+                 f" {speed.records_per_s:,.0f} records/s, peak RSS {speed.peak_rss_mb:.0f} MB"
+                 f"{'' if speed.ok else ' (report FAILED)'}")
+    return text
+
+
+def goals(phases: list[Phase], speed: Optional[ReportSpeed], untraced_rate: float) -> str:
+    traced = [p for p in phases if p.kind == TCPTRACE and not p.target_rate]
+    everything = [p for p in phases if p.kind == TCPTRACE]
+    rows = [["issue 6 goal", "measured", "met"]]
+    if traced and untraced_rate:
+        ratio = mean([p.rate for p in traced]) / untraced_rate
+        rows.append([f"max churn: traced >= {GOAL_RATIO:.2f}x untraced", f"{ratio:.2f}x", yes(ratio >= GOAL_RATIO)])
+        lost = sum(p.lost or 0 for p in traced)
+        rows.append(["max churn: 0 lost events", f"{lost:,}", yes(lost == 0)])
+    if everything:
+        worst = max(abs(1 - (p.accounted or 0)) for p in everything)
+        rows.append(["lost events reported exactly (delivered + lost = made)", f"off by {100 * worst:.3f}%",
+                     yes(worst < 0.001)])
+        ready = max(p.ready_s or 0 for p in everything)
+        rows.append([f"ready <= {GOAL_READY_S:.0f} s after start", f"{ready:.2f} s", yes(ready <= GOAL_READY_S)])
+        rss = max(p.rss_mb or 0 for p in everything)
+        peak = max(p.peak_rss_mb or 0 for p in everything)
+        rows.append([f"frontend RSS <= {GOAL_RSS_MB:.0f} MB", f"{rss:.0f} MB ({peak:.0f} MB peak)",
+                     yes(peak <= GOAL_RSS_MB) if peak <= GOAL_RSS_MB or rss > GOAL_RSS_MB else "steady yes, peak no"])
+    if speed is not None:
+        rows.append([f"report >= {GOAL_REPORT_RPS // 1000}k records/s", f"{speed.records_per_s:,.0f}/s",
+                     yes(speed.ok and speed.records_per_s >= GOAL_REPORT_RPS)])
+    return table(rows, right=set())
+
+
+def yes(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+# --- main ------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=30.0, help="load per phase (default 30)")
+    ap.add_argument("--rounds", type=int, default=2, help="repeats of untraced/traced/tcpstates (default 2)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 5 s phases, 1 round")
+    ap.add_argument("--clients", type=int, default=2, help="churn client threads (default 2: most churn here)")
+    ap.add_argument("--servers", type=int, default=0, help="churn server threads (default: as many as clients)")
+    ap.add_argument("--address", default="127.0.0.1", choices=("127.0.0.1", "::1"), help="loopback address")
+    ap.add_argument("--rates", default="",
+                    help="also trace paced loads at these total connections/s (e.g. 2000,4000): where it keeps up")
+    ap.add_argument("--rate-seconds", type=float, default=0, help="load per paced phase (default: --seconds)")
+    ap.add_argument("--no-tcpstates", action="store_true", help="skip bcc's tcpstates even when installed")
+    ap.add_argument("--tracer", help="tcptrace-bpf command (default: the checkout's .venv/bin/tcptrace-bpf)")
+    ap.add_argument("--settle", type=float, default=2.0, help="pause between phases, seconds (default 2)")
+    ap.add_argument("--workdir", type=Path, help="scratch directory (default: a new one under /tmp, removed)")
+    ap.add_argument("--keep", action="store_true", help="keep the recordings and the scratch directory")
+    ap.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.rounds = min(args.seconds, 5.0), 1
+    if not args.rate_seconds:
+        args.rate_seconds = args.seconds
+    if args.seconds <= 0 or args.seconds > 600 or args.rounds < 1 or args.clients < 1:
+        ap.error("--seconds must be in (0, 600], --rounds and --clients at least 1")
+    try:
+        args.rate_list = [float(r) for r in args.rates.split(",") if r.strip()]
+    except ValueError:
+        ap.error("--rates takes numbers separated by commas")
+    return args
+
+
+def run(args: argparse.Namespace, children: Children, workdir: Path) -> int:
+    bench = Bench(args, children, workdir)
+    bench.build()
+    kinds = [UNTRACED, TCPTRACE] + ([TCPSTATES] if bench.tcpstates else [])
+    print(f"tcptrace-bpf churn benchmark: kernel {platform.release()}, {os.cpu_count()} CPUs, "
+          f"churn {args.clients} clients/{args.servers or args.clients} servers on {args.address}, "
+          f"{args.seconds:g} s phases x {args.rounds} rounds; tcpstates: {bench.tcpstates or 'not installed'}",
+          flush=True)
+    # Warm-up: first-run effects (page cache, the kernel's TIME_WAIT table filling) land on no phase.
+    bench.load(min(3.0, args.seconds))
+    phases: list[Phase] = []
+    runners: dict[str, Callable[[int], Phase]] = {
+        UNTRACED: bench.untraced, TCPTRACE: bench.traced, TCPSTATES: bench.tcpstates_phase}
+    for rnd in range(args.rounds):
+        order = kinds if rnd % 2 == 0 else kinds[::-1]  # mirrored: U T S, S T U, ... cancels linear drift
+        for kind in order:
+            time.sleep(args.settle)
+            phase = runners[kind](rnd)
+            phases.append(phase)
+            print(f"  {phase.label}: {phase.rate:,.0f} conn/s"
+                  + (f", lost {phase.lost:,}, tracer CPU {phase.tracer_cpu_pct:.0f}%" if phase.lost is not None
+                     else ""), flush=True)
+    for rate in args.rate_list:
+        time.sleep(args.settle)
+        phase = bench.traced(0, rate)
+        phases.append(phase)
+        print(f"  {phase.label}: {phase.rate:,.0f} conn/s, lost {phase.lost:,}, "
+              f"tracer CPU {phase.tracer_cpu_pct:.0f}%", flush=True)
+    print("  timing report ...", flush=True)
+    speed = bench.report_speed()
+    untraced_rate = mean([p.rate for p in phases if p.kind == UNTRACED])
+    print()
+    print(render(phases, speed, untraced_rate))
+    print()
+    print(goals(phases, speed, untraced_rate))
+    if args.json:
+        data = {"kernel": platform.release(), "cpus": os.cpu_count(), "args": {
+                    k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "untraced_rate": untraced_rate,
+                "phases": [{**asdict(p), "rate": p.rate, "accounted": p.accounted} for p in phases],
+                "report": None if speed is None else {**asdict(speed), "records_per_s": speed.records_per_s}}
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/run.py needs root (tracing loads BPF programs): sudo .venv/bin/python bench/run.py",
+              file=sys.stderr)
+        return 2
+
+    def interrupted(signum: int, _frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    own_workdir = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="tcptrace-bench-")) if own_workdir else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    children = Children()
+    try:
+        return run(args, children, workdir)
+    except (KeyboardInterrupt, Interrupted):
+        print("\ninterrupted: stopping what was started", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        # Ignore further Ctrl-C while stopping, so the clean-up itself cannot be cut short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        children.stop_all()
+        if args.keep:
+            print(f"kept {workdir}", file=sys.stderr)
+        elif own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            for pattern in ("record-*", "tcpstates-*", "report.json", "churn"):
+                for path in workdir.glob(pattern):
+                    path.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
