@@ -91,9 +91,10 @@ def make_plan(facts: KernelFacts) -> Plan:
     if ringbuf:
         defines["TT_RINGBUF"] = 1
         defines["TT_RINGBUF_PAGES"] = RINGBUF_PAGES
-        hooks["delivery"] = f"ring buffer ({RINGBUF_PAGES * 4} KiB); failed reserves counted per CPU"
+        hooks["delivery"] = (f"ring buffer ({RINGBUF_PAGES * 4} KiB); lost = failed reserves per CPU + runs the "
+                             "kernel skipped (recursion_misses)")
     else:
-        hooks["delivery"] = "perf buffer; losses counted by the lost-sample callback"
+        hooks["delivery"] = "perf buffer; lost = lost-sample callback + runs the kernel skipped (recursion_misses)"
 
     if TP_STATE in tps:
         sources.append("state.bpf.c")
