@@ -88,7 +88,7 @@ class Lifecycle:
         "sock", "family", "laddr", "lport", "raddr", "rport", "pid", "comm", "pid_source", "role", "start",
         "end", "state", "transitions", "retransmits", "resets_sent", "resets_received", "error", "gaps",
         "refused", "sync_reset", "lost_end", "last_ts", "tw", "tw_state", "tw_created", "fw2_end", "tw_end",
-        "tw_end_how", "tw_hint", "tw_traced", "keepalive_probes", "keepalive_unanswered",
+        "tw_end_how", "tw_hint", "tw_traced", "keepalive_probes", "keepalive_unanswered", "fw2_source",
     )
 
     def __init__(self, sock: int, start: Optional[float], state: int, role: Optional[str]) -> None:
@@ -119,6 +119,7 @@ class Lifecycle:
         self.tw_state: Optional[int] = None  # its substate: FIN_WAIT2 or TIME_WAIT
         self.tw_created: Optional[float] = None
         self.fw2_end: Optional[float] = None  # FIN_WAIT2 -> TIME_WAIT inside the timewait socket
+        self.fw2_source = "exact"  # or "peer": placed by the local peer sending its FIN, not yet by the timer
         self.tw_end: Optional[float] = None
         self.tw_end_how: Optional[str] = None
         self.tw_hint: Optional[str] = None
@@ -218,12 +219,14 @@ class Lifecycle:
                 leave = None
             if self.tw_state == TIME_WAIT and self.fw2_end is None:
                 leave = self.end  # created straight in TIME_WAIT: the peer's FIN closed the full socket
+            source = self.fw2_source if leave is not None and leave == self.fw2_end else last.source
             out.append(Interval(FIN_WAIT2, last.enter, leave,
-                                None if leave is None or last.enter is None else leave - last.enter, last.source))
+                                None if leave is None or last.enter is None else leave - last.enter, source))
         tw_enter = self.fw2_end if self.fw2_end is not None else (self.end if self.tw_state == TIME_WAIT else None)
         if tw_enter is not None:
+            source = self.fw2_source if tw_enter == self.fw2_end else "exact"
             out.append(Interval(TIME_WAIT, tw_enter, self.tw_end,
-                                None if self.tw_end is None else self.tw_end - tw_enter, "exact"))
+                                None if self.tw_end is None else self.tw_end - tw_enter, source))
         return out
 
     def close_kind(self) -> str:
@@ -361,18 +364,23 @@ class Engine:
     def _tw_substate(self, lc: Lifecycle, ev: Event) -> None:
         """Note the substate a timer event read; place a FIN_WAIT2 -> TIME_WAIT switch not seen as it happened:
         the TIME_WAIT timer is armed for exactly TCP_TIMEWAIT_LEN, so it began `left` jiffies before now + 60 s."""
-        if lc.tw_state == FIN_WAIT2 and ev.old == TIME_WAIT:
+        if ev.old == TIME_WAIT and (lc.tw_state == FIN_WAIT2 or lc.fw2_source == "peer"):
             lc.fw2_end = ev.ts + ev.err / self.hz - TCP_TIMEWAIT_LEN
+            lc.fw2_source = "exact"
         lc.tw_state = ev.old
 
     def _tw_kill(self, ptr: int) -> None:
         lc = self.timewait.get(ptr)
         if lc is None:
             return
-        ts, substate, left = self._tw_cancels.pop(ptr, (lc.last_ts, lc.tw_state or TIME_WAIT, 0))
-        if substate == TIME_WAIT and lc.tw_state == FIN_WAIT2:
-            lc.fw2_end = ts + left / self.hz - TCP_TIMEWAIT_LEN
-            lc.tw_state = TIME_WAIT
+        cancel = self._tw_cancels.pop(ptr, None)
+        if cancel is None:
+            ts = lc.last_ts
+        else:
+            ts, substate, left = cancel
+            if substate == TIME_WAIT and (lc.tw_state == FIN_WAIT2 or lc.fw2_source == "peer"):
+                lc.fw2_end, lc.fw2_source = ts + left / self.hz - TCP_TIMEWAIT_LEN, "exact"
+                lc.tw_state = TIME_WAIT
         self._tw_finish(lc, ts, lc.tw_hint or "killed")
 
     def _tw_finish(self, lc: Lifecycle, ts: float, how: str) -> None:
@@ -414,10 +422,17 @@ class Engine:
         source = _OWNER_TRANSITIONS.get((old, new))
         if source is not None:
             lc.set_owner(ev.pid, ev.comm, source)
-        if self._tw_tuple and new in (SYN_RECV, ESTABLISHED):
-            held = self._tw_tuple.get(self._key(lc))
-            if held is not None and held is not lc:
-                held.tw_hint = "reused"  # a new connection on the same 4-tuple took over the timewait socket
+        if self._tw_tuple:
+            if new in (SYN_RECV, ESTABLISHED):
+                held = self._tw_tuple.get(self._key(lc))
+                if held is not None and held is not lc:
+                    held.tw_hint = "reused"  # a new connection on the same 4-tuple took over the timewait socket
+            elif new == LAST_ACK:
+                # A local peer sends its FIN: our end in a FIN_WAIT2 timewait socket turns TIME_WAIT now.
+                # The timer usually says so only when it ends (a re-arm in the same wheel bucket is silent).
+                held = self._tw_tuple.get((lc.raddr, lc.rport, lc.laddr, lc.lport))
+                if held is not None and held.tw_state == FIN_WAIT2:
+                    held.tw_state, held.fw2_end, held.fw2_source = TIME_WAIT, ev.ts, "peer"
         if new == LISTEN and lc.lport:
             self._listeners[lc.lport] = lc
         if new == CLOSE:

@@ -185,3 +185,20 @@ def test_without_timer_hooks_keepalive_is_not_measured():
     engine = Engine()
     lc = engine.feed(st(0, CLIENT_SK, CLOSE, SYN_SENT, pid=1, comm="a"))
     assert lc.keepalive_probes is None and not lc.tw_traced
+
+
+def test_local_peer_fin_places_the_switch_until_the_timer_confirms():
+    from .streams import CLOSE_WAIT, LAST_ACK, SERVER_SK
+
+    peer = dict(laddr="10.0.0.2", lport=80, raddr="10.0.0.1", rport=40000)
+    events = orphan_close() + [st(2.5199, SERVER_SK, CLOSE_WAIT, LAST_ACK, pid=7, comm="srv", **peer)]
+    engine, _closed, _final = run(events, until=3)
+    lc = engine.timewait[TW]
+    assert lc.phase() == (TIME_WAIT, 2.5199)
+    assert states(lc)[-2:] == [("FIN_WAIT2", 2.02, 2.5199, "peer"), ("TIME_WAIT", 2.5199, None, "peer")]
+    engine.feed(tw(62.6, TIMER_CANCEL, TIME_WAIT, -20))
+    engine.feed(tw(62.6, TIMER_EXPIRE, TIME_WAIT, -20))
+    (final,) = engine.advance(63)
+    fw2, tw_iv = final.intervals()[-2:]
+    assert fw2.source == "exact" and fw2.leave == pytest.approx(62.6 - 0.08 - 60)
+    assert tw_iv.source == "exact" and tw_iv.leave == 62.6
