@@ -23,7 +23,7 @@ Facts the engine leans on (each checked against the kernel, see README "How it w
 from __future__ import annotations
 
 import errno
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 from tcptrace_bpf.events import (
     CLOSE,
@@ -174,6 +174,8 @@ class Lifecycle:
         return self.end
 
     def intervals(self) -> list[Interval]:
+        if not self.transitions and self.start is None:
+            return self._intervals_preexisting()
         if self.tw is not None:
             return self._intervals_exact_tw()
         out: list[Interval] = []
@@ -197,6 +199,20 @@ class Lifecycle:
             out.append(Interval(TIME_WAIT, self.end, None, None, "inferred"))
         elif cur is not None:
             out.append(Interval(cur[0], cur[1], None, None, "gap" if self.lost_end else cur[2]))
+        return out
+
+    def _intervals_preexisting(self) -> list[Interval]:
+        """A socket from the snapshot that has not changed state since: one interval, its start unseen.
+        A timewait socket's TIME_WAIT start is known from its timer (60 s minus the time left: polled)."""
+        if self.tw_state is None:
+            return [Interval(self.state, None, None, None, "partial")]
+        out = []
+        if self.fw2_end is None or self.fw2_source != "polled":
+            leave = self.fw2_end if self.fw2_end is not None else (self.tw_end if self.tw_state == FIN_WAIT2 else None)
+            out.append(Interval(FIN_WAIT2, None, leave, None, "partial"))
+        if self.fw2_end is not None:
+            out.append(Interval(TIME_WAIT, self.fw2_end, self.tw_end,
+                                None if self.tw_end is None else self.tw_end - self.fw2_end, self.fw2_source))
         return out
 
     def _intervals_exact_tw(self) -> list[Interval]:
@@ -268,6 +284,8 @@ class Engine:
         self._tw_cancels: dict[int, tuple[float, int, int]] = {}
         self._ka_hints: dict[int, tuple[int, int]] = {}
         self._closed: list[Lifecycle] = []
+        self._adopted: dict[tuple[str, int, str, int], Lifecycle] = {}  # snapshot sockets not yet seen live
+        self._next_synthetic = -1
         self.open: dict[int, Lifecycle] = {}
         self._closing: dict[int, Lifecycle] = {}
         self._listeners: dict[int, Lifecycle] = {}
@@ -291,7 +309,7 @@ class Engine:
         if kind == STATE:
             return self._state(ev)
         if kind == RETRANSMIT:
-            lc = self.open.get(ev.sock)
+            lc = self.open.get(ev.sock) or (self._take_adopted(ev) if self._adopted else None)
             if lc is None:
                 if not ev.family or not ev.old:
                     return None
@@ -311,7 +329,8 @@ class Engine:
         if kind == TIMEWAIT:
             return self._timewait(ev)
         if kind == KEEPALIVE:
-            lc = self.open.get(ev.sock) or self._closing.get(ev.sock)
+            lc = self.open.get(ev.sock) or self._closing.get(ev.sock) or (
+                self._take_adopted(ev) if self._adopted else None)
             if lc is None:
                 count, _unanswered = self._ka_hints.pop(ev.sock, (0, 0))
                 if len(self._ka_hints) > 65536:
@@ -323,6 +342,51 @@ class Engine:
             return lc
         return None
 
+    # --- sockets that existed before the trace --------------------------------------------------------
+    def adopt(self, sockets: Iterable[tuple[Any, Optional[tuple[int, str]]]], now: float) -> int:
+        """Sockets from a snapshot (sock_diag) taken once every probe was attached: each starts a lifecycle
+        with unknown start, in its current state, owned by the process holding its inode.  The kernel
+        address is not in the snapshot: the first live event with the same 4-tuple takes it over."""
+        count = 0
+        for snap, owner in sockets:
+            count += 1
+            raddr = "" if snap.raddr == "::" else snap.raddr
+            laddr = "" if snap.laddr == "::" else snap.laddr
+            key = (laddr, snap.lport, raddr, snap.rport)
+            sock, self._next_synthetic = self._next_synthetic, self._next_synthetic - 1
+            if snap.timewait:
+                lc = Lifecycle(sock, None, CLOSE, None)
+                lc.tw_traced, lc.tw_state = self.timers, snap.state
+                if snap.state == TIME_WAIT:  # armed for exactly 60 s when TIME_WAIT began
+                    lc.fw2_end, lc.fw2_source = now + snap.expires_ms / 1000 - TCP_TIMEWAIT_LEN, "polled"
+            else:
+                role = "listener" if snap.state == LISTEN else None
+                lc = Lifecycle(sock, None, snap.state, role)
+                if snap.timer == 2 and self.timers:
+                    lc.keepalive_unanswered = snap.probes
+            lc.family, lc.laddr, lc.lport, lc.raddr, lc.rport = snap.family, laddr, snap.lport, raddr, snap.rport
+            lc.last_ts = now
+            if owner is not None:
+                lc.set_owner(owner[0], owner[1], "inode")
+            if snap.timewait:
+                self.timewait[sock] = lc
+                self._tw_tuple[key] = lc
+                continue
+            self._track(lc)
+            self._adopted[key] = lc
+            if snap.state == LISTEN and snap.lport:
+                self._listeners.setdefault(snap.lport, lc)
+        return count
+
+    def _take_adopted(self, ev: Event) -> Optional[Lifecycle]:
+        """A snapshot socket whose 4-tuple this event has: it now goes by its kernel address."""
+        lc = self._adopted.pop(self._key(ev), None)
+        if lc is not None and self.open.get(lc.sock) is lc:
+            del self.open[lc.sock]
+            lc.sock = ev.sock
+            self.open[ev.sock] = lc
+        return lc
+
     # --- timewait sockets ----------------------------------------------------------------------------
     @staticmethod
     def _key(obj: Any) -> tuple[str, int, str, int]:
@@ -331,6 +395,12 @@ class Engine:
     def _timewait(self, ev: Event) -> Optional[Lifecycle]:
         ptr, key = ev.sock, self._key(ev)
         lc = self.timewait.get(ptr)
+        if lc is None:
+            held = self._tw_tuple.get(key)
+            if held is not None and held.tw is None and held.sock < 0:  # from the snapshot: now we know it
+                del self.timewait[held.sock]
+                held.tw = ptr
+                self.timewait[ptr] = lc = held
         if lc is not None and self._key(lc) != key:
             # freed and reused for another timewait socket: the one we followed ended (its cancel was seen)
             self._tw_kill(ptr)
@@ -399,10 +469,15 @@ class Engine:
         if birth or lc is None:
             if lc is not None:
                 self._lose_end(lc)
+                lc = None
             pending = self._closing.pop(sock, None)
             if pending is not None:
                 self._done.append(pending)
-            if birth:
+            if not birth and self._adopted:
+                lc = self._take_adopted(ev)
+            if lc is not None:
+                pass
+            elif birth:
                 role = {SYN_SENT: "client", LISTEN: "listener", SYN_RECV: "server"}.get(new)
                 lc = Lifecycle(sock, ev.ts, new, role)
                 if new == SYN_RECV:
@@ -419,6 +494,13 @@ class Engine:
         lc.state = new
         lc.last_ts = ev.ts
         lc.note_tuple(ev)
+        if self._adopted and lc.start is not None:
+            # born between the probes attaching and the snapshot: the snapshot's copy is this socket
+            twin = self._adopted.get(self._key(lc))
+            if twin is not None and twin is not lc:
+                del self._adopted[self._key(lc)]
+                if self.open.get(twin.sock) is twin:
+                    del self.open[twin.sock]
         source = _OWNER_TRANSITIONS.get((old, new))
         if source is not None:
             lc.set_owner(ev.pid, ev.comm, source)

@@ -47,9 +47,10 @@ class RecordingError(Exception):
     """A recording line that is not valid; the message names file:line."""
 
 
-def sock_id(sock: int) -> str:
-    """Kernel socket address as hex text: exact in every JSON reader (it does not fit a double)."""
-    return f"0x{sock:x}"
+def sock_id(sock: int) -> Optional[str]:
+    """Kernel socket address as hex text: exact in every JSON reader (it does not fit a double).
+    None for a socket known only from the snapshot (its address is not in sock_diag)."""
+    return f"0x{sock:x}" if sock > 0 else None
 
 
 def _r(ts: Optional[float]) -> Optional[float]:

@@ -84,9 +84,14 @@ class Tracer:
         signal.signal(signal.SIGTERM, handler)
 
     def begin(self, header: dict[str, Any]) -> None:
-        """Attach (source.start) and only then announce: the header means every probe is in place."""
+        """Attach (source.start), adopt the sockets that already exist (a source that can list them), and
+        only then announce: the header means every probe is in place."""
         self.source.start()
         self._cpu_start = os.times()
+        snapshot = getattr(self.source, "snapshot", None)
+        if snapshot is not None:
+            with self._lock:
+                header = {**header, "preexisting": self.engine.adopt(snapshot(), self.source.now())}
         for sink in self.sinks:
             sink.start(header)
 

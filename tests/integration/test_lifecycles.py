@@ -70,11 +70,12 @@ def test_active_and_passive_close_over_loopback(live):
     assert client.close_kind() == "active" and client.timewait
     assert interval(client, ESTABLISHED).duration == pytest.approx(0.3, abs=TOL)
     assert interval(client, ESTABLISHED).source == "exact"
-    # the orphan's FIN_WAIT2 went on in the timewait socket until the peer's FIN, 0.5 s later
-    assert interval(client, FIN_WAIT2).source == "exact"
+    # the orphan's FIN_WAIT2 went on in the timewait socket until the peer's FIN, 0.5 s later: placed by the
+    # local peer's CLOSE_WAIT -> LAST_ACK, or by the timer's re-arm when it lands in another wheel bucket
+    assert interval(client, FIN_WAIT2).source in ("peer", "exact")
     assert interval(client, FIN_WAIT2).duration == pytest.approx(0.5, abs=TOL)
     tw = interval(client, TIME_WAIT)
-    assert (tw.source, tw.leave, tw.duration) == ("exact", None, None)
+    assert tw.source in ("peer", "exact") and (tw.leave, tw.duration) == (None, None)
     assert client.tw is not None and client.tw_end is None
     assert client.pid == ME and client.pid_source in ("connect", "io", "close")
 
@@ -190,6 +191,7 @@ def test_shutdown_write_then_peer_closes(live):
     (client,) = live.wait_for(by_ports(lport, port), closed=True)
     assert states(client) == [SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, TIME_WAIT]
     assert interval(client, FIN_WAIT2).duration == pytest.approx(0.4, abs=TOL)
+    # created straight in TIME_WAIT: the full socket saw the peer's FIN itself
     assert interval(client, FIN_WAIT2).source == "exact" and interval(client, TIME_WAIT).source == "exact"
     (server,) = live.wait_for(by_ports(port, lport))
     assert states(server)[-2:] == [CLOSE_WAIT, LAST_ACK]

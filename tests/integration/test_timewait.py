@@ -41,12 +41,12 @@ def test_orphan_fin_wait2_lasts_until_the_peers_fin(live):
     peer.wait()
     (client,) = live.wait_for(by_ports(lport, port), closed=True)
     fw2 = interval(client, FIN_WAIT2)
-    assert fw2.source == "exact" and fw2.duration == pytest.approx(0.5, abs=TOL)
+    assert fw2.source in ("peer", "exact") and fw2.duration == pytest.approx(0.5, abs=TOL)
     deadline = time.monotonic() + 5
     while client.tw_state != TIME_WAIT and time.monotonic() < deadline:
         time.sleep(0.05)
     tw = interval(client, TIME_WAIT)
-    assert tw.enter == pytest.approx(fw2.leave) and tw.leave is None and tw.source == "exact"
+    assert tw.enter == pytest.approx(fw2.leave) and tw.leave is None and tw.source == fw2.source
     (server,) = live.wait_for(by_ports(port, lport))
     assert interval(server, CLOSE_WAIT).duration == pytest.approx(fw2.duration, abs=0.02)
 

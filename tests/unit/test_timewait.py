@@ -202,3 +202,56 @@ def test_local_peer_fin_places_the_switch_until_the_timer_confirms():
     fw2, tw_iv = final.intervals()[-2:]
     assert fw2.source == "exact" and fw2.leave == pytest.approx(62.6 - 0.08 - 60)
     assert tw_iv.source == "exact" and tw_iv.leave == 62.6
+
+
+class Snap:
+    """A sock_diag entry (tcptrace_bpf.sockdiag.DiagSocket has these fields)."""
+
+    def __init__(self, state, laddr="10.0.0.1", lport=40000, raddr="10.0.0.2", rport=80, timer=0, probes=0,
+                 expires_ms=0, inode=1, family=4):
+        self.state, self.laddr, self.lport, self.raddr, self.rport = state, laddr, lport, raddr, rport
+        self.timer, self.probes, self.expires_ms, self.inode, self.family = timer, probes, expires_ms, inode, family
+
+    @property
+    def timewait(self):
+        return self.timer == 3
+
+
+def test_preexisting_socket_is_adopted_then_traced_to_its_end():
+    from .streams import CLOSE_WAIT, LAST_ACK
+
+    engine = Engine(timers=True, hz=HZ)
+    assert engine.adopt([(Snap(ESTABLISHED), (42, "redis"))], now=0.5) == 1
+    (lc,) = engine.open.values()
+    assert lc.start is None and (lc.pid, lc.comm, lc.pid_source) == (42, "redis", "inode")
+    assert states(lc) == [("ESTABLISHED", None, None, "partial")]
+    engine.feed(st(3.0, CLIENT_SK, ESTABLISHED, CLOSE_WAIT))
+    assert engine.open[CLIENT_SK] is lc  # the live event took it over by 4-tuple
+    engine.feed(st(3.5, CLIENT_SK, CLOSE_WAIT, LAST_ACK, pid=42, comm="redis"))
+    engine.feed(st(3.6, CLIENT_SK, LAST_ACK, CLOSE))
+    (final,) = engine.advance(5)
+    assert states(final) == [("ESTABLISHED", None, 3.0, "partial"), ("CLOSE_WAIT", 3.0, 3.5, "exact"),
+                             ("LAST_ACK", 3.5, 3.6, "exact")]
+    assert final.close_kind() == "passive" and final.gaps == 0
+
+
+def test_preexisting_time_wait_knows_its_start_and_end():
+    engine = Engine(timers=True, hz=HZ)
+    engine.adopt([(Snap(TIME_WAIT, timer=3, expires_ms=20000, inode=0), None)], now=1.0)
+    (lc,) = engine.timewait.values()
+    assert lc.phase() == (TIME_WAIT, pytest.approx(1.0 + 20 - 60))
+    engine.feed(tw(21.3, TIMER_CANCEL, TIME_WAIT, -75))
+    engine.feed(tw(21.3, TIMER_EXPIRE, TIME_WAIT, -75))
+    (final,) = engine.advance(22)
+    (only,) = final.intervals()
+    assert (state_name(only.state), only.source, only.leave) == ("TIME_WAIT", "polled", 21.3)
+    assert only.duration == pytest.approx(60.3) and final.tw_end_how == "expired"
+
+
+def test_preexisting_listener_owns_new_children():
+    from .streams import LISTEN, SERVER_SK, SYN_RECV
+
+    engine = Engine()
+    engine.adopt([(Snap(LISTEN, laddr="0.0.0.0", lport=80, raddr="0.0.0.0", rport=0), (9, "nginx"))], now=0)
+    child = engine.feed(st(1, SERVER_SK, LISTEN, SYN_RECV, laddr="10.0.0.2", lport=80, rport=5555))
+    assert child.role == "server" and (child.pid, child.pid_source) == (9, "listener")
