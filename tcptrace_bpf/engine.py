@@ -282,6 +282,9 @@ class Engine:
         self.timewait: dict[int, Lifecycle] = {}
         self._tw_tuple: dict[tuple[str, int, str, int], Lifecycle] = {}
         self._tw_cancels: dict[int, tuple[float, int, int]] = {}
+        # a start after a cancel on a held pointer: a re-arm, unless a full socket with the same 4-tuple
+        # closes into it (the old timewait socket was killed and its memory reused for the new one)
+        self._tw_restarts: dict[int, tuple[float, int, int]] = {}
         self._ka_hints: dict[int, tuple[int, int]] = {}
         self._closed: list[Lifecycle] = []
         self._adopted: dict[tuple[str, int, str, int], Lifecycle] = {}  # snapshot sockets not yet seen live
@@ -415,16 +418,30 @@ class Engine:
                     self._tw_pending.clear()
                 self._tw_pending[key] = (ev.ts, ptr, ev.old)
                 return None
-            self._tw_cancels.pop(ptr, None)  # cancel + start: a re-arm
-            self._tw_substate(lc, ev)
+            if ptr in self._tw_cancels:
+                self._tw_restarts[ptr] = (ev.ts, ev.old, ev.err)  # decided by advance() or a ->CLOSE
+            else:
+                self._tw_substate(lc, ev)
         elif ev.new == TIMER_CANCEL:
             if lc is not None:
+                self._tw_rearmed(ptr)
                 self._tw_cancels[ptr] = (ev.ts, ev.old, ev.err)
         elif ev.new == TIMER_EXPIRE and lc is not None:
+            self._tw_rearmed(ptr)
             self._tw_cancels.pop(ptr, None)  # cancel + expire: the natural end
             self._tw_substate(lc, ev)
             self._tw_finish(lc, ev.ts, "expired" if lc.tw_state == TIME_WAIT else "fin_wait2_timeout")
         return lc
+
+    def _tw_rearmed(self, ptr: int) -> None:
+        """A start held back after a cancel turned out to be a re-arm of the same timewait socket."""
+        restart = self._tw_restarts.pop(ptr, None)
+        lc = self.timewait.get(ptr)
+        if restart is None or lc is None:
+            return
+        self._tw_cancels.pop(ptr, None)
+        ts, substate, left = restart
+        self._tw_substate(lc, Event(ts, TIMEWAIT, ptr, substate, TIMER_START, err=left))
 
     def _tw_attach(self, lc: Lifecycle, ptr: int, created: float, substate: int) -> None:
         lc.tw, lc.tw_created, lc.tw_state = ptr, created, substate
@@ -471,8 +488,8 @@ class Engine:
                 self._lose_end(lc)
                 lc = None
             pending = self._closing.pop(sock, None)
-            if pending is not None:
-                self._done.append(pending)
+            if pending is not None:  # the address was freed and reused within the grace period
+                self._leave_closing(pending, final_check=False)
             if not birth and self._adopted:
                 lc = self._take_adopted(ev)
             if lc is not None:
@@ -525,6 +542,15 @@ class Engine:
             if self.timers and old in (FIN_WAIT2, CLOSING):
                 key = self._key(lc)
                 pending = self._tw_pending.pop(key, None)
+                held = self._tw_tuple.get(key)
+                if pending is None and held is not None and held is not lc and held.tw in self._tw_restarts:
+                    # the older timewait socket on this tuple was killed and its memory reused for ours
+                    ptr = held.tw
+                    created, substate, _left = self._tw_restarts.pop(ptr)
+                    if held.tw_hint is None:
+                        held.tw_hint = "reused"
+                    self._tw_kill(ptr)
+                    pending = (created, ptr, substate)
                 if pending is not None:
                     self._tw_attach(lc, pending[1], pending[0], pending[2])
                 else:
@@ -611,6 +637,9 @@ class Engine:
         """Lifecycles that became final by `now`, oldest first: closed more than `grace` ago (or lost), and,
         for those that went on in a timewait socket, once that socket is gone."""
         limit = now - self.grace
+        for ptr, (ts, _substate, _left) in list(self._tw_restarts.items()):
+            if ts <= limit:
+                self._tw_rearmed(ptr)
         if self._tw_cancels:
             for ptr, (ts, _substate, _left) in list(self._tw_cancels.items()):
                 if ts <= limit:  # a cancel with no start or expiry after it: killed early
@@ -619,15 +648,20 @@ class Engine:
             for sock, lc in list(self._closing.items()):
                 if lc.end is not None and lc.end <= limit:
                     del self._closing[sock]
-                    self._closed.append(lc)
-                    if self._tw_waiting.get(self._key(lc)) is lc:
-                        del self._tw_waiting[self._key(lc)]
-                        if lc.timewait is False and self.timers and self._tw_expected(lc):
-                            lc.tw_end_how = "overflow" if not self.lost else "unknown"
-                    if lc.tw is None or lc.tw_end is not None:
-                        self._done.append(lc)
+                    self._leave_closing(lc)
         done, self._done = self._done, []
         return done
+
+    def _leave_closing(self, lc: Lifecycle, final_check: bool = True) -> None:
+        """The close is final: tell the views; the lifecycle is final too unless a timewait socket goes on.
+        A timewait socket that should have started and did not is an overflow (tcp_max_tw_buckets)."""
+        self._closed.append(lc)
+        if final_check and self._tw_waiting.get(self._key(lc)) is lc:
+            del self._tw_waiting[self._key(lc)]
+            if lc.timewait is False and self.timers and self._tw_expected(lc):
+                lc.tw_end_how = "overflow" if not self.lost else "unknown"
+        if lc.tw is None or lc.tw_end is not None:
+            self._done.append(lc)
 
     @staticmethod
     def _tw_expected(lc: Lifecycle) -> bool:
@@ -643,6 +677,8 @@ class Engine:
     def finish(self) -> list[Lifecycle]:
         """Everything still held, at the end of a trace: closed ones final, open ones as open (and sockets
         still in a timewait socket with that phase open)."""
+        for ptr in list(self._tw_restarts):
+            self._tw_rearmed(ptr)
         for ptr in list(self._tw_cancels):
             self._tw_kill(ptr)
         done, self._done = self._done, []
@@ -651,7 +687,7 @@ class Engine:
                     or self._closing[lc.sock] is not lc)
         done.extend(self.open.values())
         for held in (self._closing, self.open, self._listeners, self.timewait, self._tw_tuple, self._tw_waiting,
-                     self._tw_pending):
+                     self._tw_pending, self._tw_restarts):
             held.clear()
         self._closed.clear()
         return done

@@ -255,3 +255,20 @@ def test_preexisting_listener_owns_new_children():
     engine.adopt([(Snap(LISTEN, laddr="0.0.0.0", lport=80, raddr="0.0.0.0", rport=0), (9, "nginx"))], now=0)
     child = engine.feed(st(1, SERVER_SK, LISTEN, SYN_RECV, laddr="10.0.0.2", lport=80, rport=5555))
     assert child.role == "server" and (child.pid, child.pid_source) == (9, "listener")
+
+
+def test_same_pointer_same_tuple_after_reuse_is_a_new_timewait_socket():
+    """Seen on 6.18: a reconnect on the same 4-tuple kills the old timewait socket (cancel), and when the new
+    connection closes its timewait socket gets the same memory: a start on a held pointer, same tuple."""
+    sk2 = CLIENT_SK + 0x100
+    events = orphan_close() + [tw(2.5, TIMER_CANCEL, FW2, 14000), tw(2.5, TIMER_START, TIME_WAIT, 60 * HZ)]
+    events += [st(5.0, sk2, CLOSE, SYN_SENT, pid=100, comm="curl", lport=0),
+               tw(5.00001, TIMER_CANCEL, TIME_WAIT, int(57.5 * HZ)),
+               st(5.0001, sk2, SYN_SENT, ESTABLISHED), st(5.001, sk2, ESTABLISHED, FIN_WAIT1, pid=100, comm="curl"),
+               st(5.002, sk2, FIN_WAIT1, FIN_WAIT2), tw(5.00201, TIMER_START, FW2, 60 * HZ),
+               st(5.00202, sk2, FIN_WAIT2, CLOSE)]
+    engine, closed, final = run(events, until=6)
+    old = next(lc for lc in final if lc.sock == CLIENT_SK)
+    assert old.tw_end_how == "reused" and old.tw_end == pytest.approx(5.00001)
+    assert old.intervals()[-1].state == TIME_WAIT and old.intervals()[-1].enter == 2.5
+    assert engine.timewait[TW].sock == sk2 and engine.timewait[TW].tw_state == FW2
