@@ -14,6 +14,10 @@ enum tt_kind {
     TT_RESET_SENT = 3,   /* tcp:tcp_send_reset; skaddr may be 0 (no socket); err = reset reason or -1 */
     TT_RESET_RECV = 4,   /* tcp:tcp_receive_reset */
     TT_OWNER = 5,        /* sock:sock_{send,recv}_length: a task doing I/O on the socket, so its owner */
+    TT_TIMEWAIT = 6,     /* timer raw tracepoints on a timewait socket: skaddr = the inet_timewait_sock,
+                            newstate = 1 start / 2 cancel / 3 expire, oldstate = tw_substate,
+                            err = jiffies left on its timer */
+    TT_KEEPALIVE = 7,    /* a keepalive probe went out: newstate = 4, oldstate = probes unanswered */
 };
 
 struct tt_event {

@@ -89,10 +89,10 @@ def _kernel_plan() -> Any:
 
 def _run_tracer(sinks_for: Callable[[dict[int, str]], list[Any]], flt: Filter, duration: Optional[float]) -> None:
     from tcptrace_bpf.kernel import KernelSource, SourceError
-    from tcptrace_bpf.tracer import Tracer, header
+    from tcptrace_bpf.tracer import Tracer, engine_for, header
 
     facts, plan = _kernel_plan()
-    tracer = Tracer(KernelSource(plan), sinks_for(facts.rst_reasons))
+    tracer = Tracer(KernelSource(plan), sinks_for(facts.rst_reasons), engine_for(plan))
     tracer.install_signal_handlers()
     try:
         tracer.run(header(plan, flt), duration=duration)
@@ -119,6 +119,7 @@ def live(flt: Filter, record_to: Optional[str], replay: Optional[str], speed: fl
     """
     from tcptrace_bpf.live import LiveApp
     from tcptrace_bpf.recording import Recorder, RecordingError
+    from tcptrace_bpf.tracer import engine_for
 
     console = Console(highlight=False)
     opened: list[Any] = []
@@ -134,6 +135,7 @@ def live(flt: Filter, record_to: Optional[str], replay: Optional[str], speed: fl
             hooks = {"state": f"replay of {replay} at speed {speed:g}"}
             head: dict[str, Any] = {"replay": replay}
             reasons: dict[int, str] = {}
+            engine = engine_for(source.meta.get("header") or {})
         else:
             from tcptrace_bpf.kernel import KernelSource
             from tcptrace_bpf.tracer import header
@@ -141,6 +143,7 @@ def live(flt: Filter, record_to: Optional[str], replay: Optional[str], speed: fl
             facts, plan = _kernel_plan()
             source = KernelSource(plan)
             hooks, head, reasons = plan.hooks, header(plan, flt), facts.rst_reasons
+            engine = engine_for(plan)
         extra: list[Any] = []
         if record_to:
             try:
@@ -149,7 +152,7 @@ def live(flt: Filter, record_to: Optional[str], replay: Optional[str], speed: fl
                 raise click.ClickException(f"cannot write {record_to}: {exc.strerror}") from None
             opened.append(out)
             extra.append(Recorder(out, flt, reasons))
-        app = LiveApp(source, flt, hooks, extra)
+        app = LiveApp(source, flt, hooks, extra, engine=engine)
         footer = app.run(head, console, duration)
     except RecordingError as exc:
         raise click.ClickException(str(exc)) from None

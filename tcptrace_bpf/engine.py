@@ -10,7 +10,12 @@ Facts the engine leans on (each checked against the kernel, see README "How it w
 - Some facts about a close arrive just *after* the ->CLOSE transition (an abortive close sets CLOSE, then
   sends its RST).  A closed lifecycle therefore waits `grace` seconds of source time before it is final.
 - The tracepoint never shows TIME_WAIT: a socket handed to the timewait socket shows FIN_WAIT2 -> CLOSE or
-  CLOSING -> CLOSE.  Without a reset or an error that is TIME_WAIT entered, recorded as inferred.
+  CLOSING -> CLOSE.  With the timer hooks (timers=True) the timewait socket itself is followed: its timer
+  starts microseconds before that ->CLOSE with the same 4-tuple, its substate says FIN_WAIT2 or TIME_WAIT,
+  and its end (expiry, or a cancel with nothing after it) closes the lifecycle for good.  A re-arm can be
+  silent, but every timer event carries the jiffies left, and the TIME_WAIT timer is always 60 s, so the
+  FIN_WAIT2 -> TIME_WAIT instant is placed to the jiffy.  Without the timer hooks, TIME_WAIT entry is
+  inferred from the ->CLOSE with no reset and no error.
 - The task running at a transition is the owner only for transitions that run in the owner's own syscall
   (connect, listen, close/shutdown); I/O hooks (6.3+) give the owner too.  Others are never trusted.
 """
@@ -18,7 +23,7 @@ Facts the engine leans on (each checked against the kernel, see README "How it w
 from __future__ import annotations
 
 import errno
-from typing import NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 from tcptrace_bpf.events import (
     CLOSE,
@@ -27,6 +32,7 @@ from tcptrace_bpf.events import (
     ESTABLISHED,
     FIN_WAIT1,
     FIN_WAIT2,
+    KEEPALIVE,
     LAST_ACK,
     LISTEN,
     OWNER,
@@ -36,12 +42,18 @@ from tcptrace_bpf.events import (
     STATE,
     SYN_RECV,
     SYN_SENT,
+    TCP_TIMEWAIT_LEN,
     TIME_WAIT,
+    TIMER_CANCEL,
+    TIMER_EXPIRE,
+    TIMER_START,
+    TIMEWAIT,
     Event,
 )
 
 GRACE = 0.25
 CLOSE_KINDS = ("active", "passive", "simultaneous", "reset", "refused", "timeout", "open", "unknown")
+TIME_WAIT_ENDS = ("expired", "fin_wait2_timeout", "reset", "reused", "killed", "overflow", "unknown")
 
 # Transitions that only ever run in the owning task's own system call: (old, new) -> pid source.
 _OWNER_TRANSITIONS = {
@@ -75,7 +87,8 @@ class Lifecycle:
     __slots__ = (
         "sock", "family", "laddr", "lport", "raddr", "rport", "pid", "comm", "pid_source", "role", "start",
         "end", "state", "transitions", "retransmits", "resets_sent", "resets_received", "error", "gaps",
-        "refused", "sync_reset", "lost_end", "last_ts",
+        "refused", "sync_reset", "lost_end", "last_ts", "tw", "tw_state", "tw_created", "fw2_end", "tw_end",
+        "tw_end_how", "tw_hint", "tw_traced", "keepalive_probes", "keepalive_unanswered", "fw2_source",
     )
 
     def __init__(self, sock: int, start: Optional[float], state: int, role: Optional[str]) -> None:
@@ -102,6 +115,17 @@ class Lifecycle:
         self.sync_reset = False
         self.lost_end = False
         self.last_ts = start if start is not None else 0.0
+        self.tw: Optional[int] = None  # the inet_timewait_sock that carried on after ->CLOSE
+        self.tw_state: Optional[int] = None  # its substate: FIN_WAIT2 or TIME_WAIT
+        self.tw_created: Optional[float] = None
+        self.fw2_end: Optional[float] = None  # FIN_WAIT2 -> TIME_WAIT inside the timewait socket
+        self.fw2_source = "exact"  # or "peer": placed by the local peer sending its FIN, not yet by the timer
+        self.tw_end: Optional[float] = None
+        self.tw_end_how: Optional[str] = None
+        self.tw_hint: Optional[str] = None
+        self.tw_traced = False  # timer hooks on: timewait facts are exact, not inferred
+        self.keepalive_probes: Optional[int] = None  # None: not traced
+        self.keepalive_unanswered: Optional[int] = None
 
     # --- facts ---------------------------------------------------------------------------------------
     def note_tuple(self, ev: Event) -> None:
@@ -126,13 +150,34 @@ class Lifecycle:
 
     @property
     def timewait(self) -> bool:
-        """The socket was handed to a timewait socket (inferred: the tracepoint never shows TIME_WAIT)."""
-        if self.end is None or not self.transitions:
+        """The socket was handed to a timewait socket: seen (timer hooks) or inferred from its ->CLOSE."""
+        if self.tw is not None:
+            return True
+        if self.tw_traced or self.end is None or not self.transitions:
             return False
         _ts, old, new = self.transitions[-1]
         return new == CLOSE and old in (FIN_WAIT2, CLOSING) and not self.sync_reset and self.error == 0
 
+    def phase(self) -> tuple[int, Optional[float]]:
+        """(state now, since when): a timewait socket's substate counts as the state."""
+        if self.tw_state is not None and self.tw_end is None:
+            since = self.fw2_end if self.tw_state == TIME_WAIT and self.fw2_end is not None else None
+            if since is None:
+                since = self.end if self.tw_state == TIME_WAIT else self._fw2_enter()
+            return self.tw_state, since
+        return self.state, (self.transitions[-1][0] if self.transitions else None)
+
+    def _fw2_enter(self) -> Optional[float]:
+        for ts, _old, new in reversed(self.transitions):
+            if new == FIN_WAIT2:
+                return ts
+        return self.end
+
     def intervals(self) -> list[Interval]:
+        if not self.transitions and self.start is None:
+            return self._intervals_preexisting()
+        if self.tw is not None:
+            return self._intervals_exact_tw()
         out: list[Interval] = []
         cur: Optional[tuple[int, Optional[float], str]] = None
         tw = self.timewait
@@ -154,6 +199,50 @@ class Lifecycle:
             out.append(Interval(TIME_WAIT, self.end, None, None, "inferred"))
         elif cur is not None:
             out.append(Interval(cur[0], cur[1], None, None, "gap" if self.lost_end else cur[2]))
+        return out
+
+    def _intervals_preexisting(self) -> list[Interval]:
+        """A socket from the snapshot that has not changed state since: one interval, its start unseen.
+        A timewait socket's TIME_WAIT start is known from its timer (60 s minus the time left: polled)."""
+        if self.tw_state is None:
+            return [Interval(self.state, None, None, None, "partial")]
+        out = []
+        if self.fw2_end is None or self.fw2_source != "polled":
+            leave = self.fw2_end if self.fw2_end is not None else (self.tw_end if self.tw_state == FIN_WAIT2 else None)
+            out.append(Interval(FIN_WAIT2, None, leave, None, "partial"))
+        if self.fw2_end is not None:
+            out.append(Interval(TIME_WAIT, self.fw2_end, self.tw_end,
+                                None if self.tw_end is None else self.tw_end - self.fw2_end, self.fw2_source))
+        return out
+
+    def _intervals_exact_tw(self) -> list[Interval]:
+        """The full socket's states, then the timewait socket's: FIN_WAIT2 runs on inside it until the peer's
+        FIN (fw2_end) or its timeout, then TIME_WAIT until expiry or an early end."""
+        full = Lifecycle.__new__(Lifecycle)
+        for name in Lifecycle.__slots__:
+            setattr(full, name, getattr(self, name))
+        full.tw = None
+        full.tw_traced = True
+        out = full.intervals()
+        if out and out[-1].state == FIN_WAIT2 and self.tw_created is not None:
+            # the full socket's FIN_WAIT2 went on in the timewait socket (orphan, or close() in FIN_WAIT2)
+            last = out.pop()
+            if self.fw2_end is not None:
+                leave = self.fw2_end
+            elif self.tw_end_how == "fin_wait2_timeout" or (self.tw_end is not None and self.tw_state == FIN_WAIT2):
+                leave = self.tw_end
+            else:
+                leave = None
+            if self.tw_state == TIME_WAIT and self.fw2_end is None:
+                leave = self.end  # created straight in TIME_WAIT: the peer's FIN closed the full socket
+            source = self.fw2_source if leave is not None and leave == self.fw2_end else last.source
+            out.append(Interval(FIN_WAIT2, last.enter, leave,
+                                None if leave is None or last.enter is None else leave - last.enter, source))
+        tw_enter = self.fw2_end if self.fw2_end is not None else (self.end if self.tw_state == TIME_WAIT else None)
+        if tw_enter is not None:
+            source = self.fw2_source if tw_enter == self.fw2_end else "exact"
+            out.append(Interval(TIME_WAIT, tw_enter, self.tw_end,
+                                None if self.tw_end is None else self.tw_end - tw_enter, source))
         return out
 
     def close_kind(self) -> str:
@@ -180,9 +269,26 @@ class Lifecycle:
 class Engine:
     """Rebuilds lifecycles from events.  Finished lifecycles come back from advance() and finish()."""
 
-    def __init__(self, grace: float = GRACE, max_sockets: int = 1_000_000) -> None:
+    def __init__(self, grace: float = GRACE, max_sockets: int = 1_000_000, timers: bool = False,
+                 hz: int = 250) -> None:
         self.grace = grace
         self.max_sockets = max_sockets
+        self.timers = timers  # the source follows timewait sockets and keepalive probes (timer hooks)
+        self.hz = hz
+        # timewait sockets: started but not yet matched to their full socket's ->CLOSE (by 4-tuple);
+        # closed lifecycles waiting for theirs; and lifecycles living on in one (by tw pointer and tuple)
+        self._tw_pending: dict[tuple[str, int, str, int], tuple[float, int, int]] = {}
+        self._tw_waiting: dict[tuple[str, int, str, int], Lifecycle] = {}
+        self.timewait: dict[int, Lifecycle] = {}
+        self._tw_tuple: dict[tuple[str, int, str, int], Lifecycle] = {}
+        self._tw_cancels: dict[int, tuple[float, int, int]] = {}
+        # a start after a cancel on a held pointer: a re-arm, unless a full socket with the same 4-tuple
+        # closes into it (the old timewait socket was killed and its memory reused for the new one)
+        self._tw_restarts: dict[int, tuple[float, int, int]] = {}
+        self._ka_hints: dict[int, tuple[int, int]] = {}
+        self._closed: list[Lifecycle] = []
+        self._adopted: dict[tuple[str, int, str, int], Lifecycle] = {}  # snapshot sockets not yet seen live
+        self._next_synthetic = -1
         self.open: dict[int, Lifecycle] = {}
         self._closing: dict[int, Lifecycle] = {}
         self._listeners: dict[int, Lifecycle] = {}
@@ -206,7 +312,7 @@ class Engine:
         if kind == STATE:
             return self._state(ev)
         if kind == RETRANSMIT:
-            lc = self.open.get(ev.sock)
+            lc = self.open.get(ev.sock) or (self._take_adopted(ev) if self._adopted else None)
             if lc is None:
                 if not ev.family or not ev.old:
                     return None
@@ -223,7 +329,155 @@ class Engine:
             else:
                 lc.set_owner(ev.pid, ev.comm, "io")
             return lc
+        if kind == TIMEWAIT:
+            return self._timewait(ev)
+        if kind == KEEPALIVE:
+            lc = self.open.get(ev.sock) or self._closing.get(ev.sock) or (
+                self._take_adopted(ev) if self._adopted else None)
+            if lc is None:
+                count, _unanswered = self._ka_hints.pop(ev.sock, (0, 0))
+                if len(self._ka_hints) > 65536:
+                    self._ka_hints.clear()
+                self._ka_hints[ev.sock] = (count + 1, ev.old)
+                return None
+            lc.keepalive_probes = (lc.keepalive_probes or 0) + 1
+            lc.keepalive_unanswered = ev.old
+            return lc
         return None
+
+    # --- sockets that existed before the trace --------------------------------------------------------
+    def adopt(self, sockets: Iterable[tuple[Any, Optional[tuple[int, str]]]], now: float) -> int:
+        """Sockets from a snapshot (sock_diag) taken once every probe was attached: each starts a lifecycle
+        with unknown start, in its current state, owned by the process holding its inode.  The kernel
+        address is not in the snapshot: the first live event with the same 4-tuple takes it over."""
+        count = 0
+        for snap, owner in sockets:
+            count += 1
+            raddr = "" if snap.raddr == "::" else snap.raddr
+            laddr = "" if snap.laddr == "::" else snap.laddr
+            key = (laddr, snap.lport, raddr, snap.rport)
+            sock, self._next_synthetic = self._next_synthetic, self._next_synthetic - 1
+            if snap.timewait:
+                lc = Lifecycle(sock, None, CLOSE, None)
+                lc.tw_traced, lc.tw_state = self.timers, snap.state
+                if snap.state == TIME_WAIT:  # armed for exactly 60 s when TIME_WAIT began
+                    lc.fw2_end, lc.fw2_source = now + snap.expires_ms / 1000 - TCP_TIMEWAIT_LEN, "polled"
+            else:
+                role = "listener" if snap.state == LISTEN else None
+                lc = Lifecycle(sock, None, snap.state, role)
+                if snap.timer == 2 and self.timers:
+                    lc.keepalive_unanswered = snap.probes
+            lc.family, lc.laddr, lc.lport, lc.raddr, lc.rport = snap.family, laddr, snap.lport, raddr, snap.rport
+            lc.last_ts = now
+            if owner is not None:
+                lc.set_owner(owner[0], owner[1], "inode")
+            if snap.timewait:
+                self.timewait[sock] = lc
+                self._tw_tuple[key] = lc
+                continue
+            self._track(lc)
+            self._adopted[key] = lc
+            if snap.state == LISTEN and snap.lport:
+                self._listeners.setdefault(snap.lport, lc)
+        return count
+
+    def _take_adopted(self, ev: Event) -> Optional[Lifecycle]:
+        """A snapshot socket whose 4-tuple this event has: it now goes by its kernel address."""
+        lc = self._adopted.pop(self._key(ev), None)
+        if lc is not None and self.open.get(lc.sock) is lc:
+            del self.open[lc.sock]
+            lc.sock = ev.sock
+            self.open[ev.sock] = lc
+        return lc
+
+    # --- timewait sockets ----------------------------------------------------------------------------
+    @staticmethod
+    def _key(obj: Any) -> tuple[str, int, str, int]:
+        return (obj.laddr, obj.lport, obj.raddr, obj.rport)
+
+    def _timewait(self, ev: Event) -> Optional[Lifecycle]:
+        ptr, key = ev.sock, self._key(ev)
+        lc = self.timewait.get(ptr)
+        if lc is None:
+            held = self._tw_tuple.get(key)
+            if held is not None and held.tw is None and held.sock < 0:  # from the snapshot: now we know it
+                del self.timewait[held.sock]
+                held.tw = ptr
+                self.timewait[ptr] = lc = held
+        if lc is not None and self._key(lc) != key:
+            # freed and reused for another timewait socket: the one we followed ended (its cancel was seen)
+            self._tw_kill(ptr)
+            lc = None
+        if ev.new == TIMER_START:
+            if lc is None:
+                waiting = self._tw_waiting.pop(key, None)
+                if waiting is not None:
+                    self._tw_attach(waiting, ptr, ev.ts, ev.old)
+                    return waiting
+                if len(self._tw_pending) > 65536:
+                    self._tw_pending.clear()
+                self._tw_pending[key] = (ev.ts, ptr, ev.old)
+                return None
+            if ptr in self._tw_cancels:
+                self._tw_restarts[ptr] = (ev.ts, ev.old, ev.err)  # decided by advance() or a ->CLOSE
+            else:
+                self._tw_substate(lc, ev)
+        elif ev.new == TIMER_CANCEL:
+            if lc is not None:
+                self._tw_rearmed(ptr)
+                self._tw_cancels[ptr] = (ev.ts, ev.old, ev.err)
+        elif ev.new == TIMER_EXPIRE and lc is not None:
+            self._tw_rearmed(ptr)
+            self._tw_cancels.pop(ptr, None)  # cancel + expire: the natural end
+            self._tw_substate(lc, ev)
+            self._tw_finish(lc, ev.ts, "expired" if lc.tw_state == TIME_WAIT else "fin_wait2_timeout")
+        return lc
+
+    def _tw_rearmed(self, ptr: int) -> None:
+        """A start held back after a cancel turned out to be a re-arm of the same timewait socket."""
+        restart = self._tw_restarts.pop(ptr, None)
+        lc = self.timewait.get(ptr)
+        if restart is None or lc is None:
+            return
+        self._tw_cancels.pop(ptr, None)
+        ts, substate, left = restart
+        self._tw_substate(lc, Event(ts, TIMEWAIT, ptr, substate, TIMER_START, err=left))
+
+    def _tw_attach(self, lc: Lifecycle, ptr: int, created: float, substate: int) -> None:
+        lc.tw, lc.tw_created, lc.tw_state = ptr, created, substate
+        self.timewait[ptr] = lc
+        self._tw_tuple[self._key(lc)] = lc
+
+    def _tw_substate(self, lc: Lifecycle, ev: Event) -> None:
+        """Note the substate a timer event read; place a FIN_WAIT2 -> TIME_WAIT switch not seen as it happened:
+        the TIME_WAIT timer is armed for exactly TCP_TIMEWAIT_LEN, so it began `left` jiffies before now + 60 s."""
+        if ev.old == TIME_WAIT and (lc.tw_state == FIN_WAIT2 or lc.fw2_source == "peer"):
+            lc.fw2_end = ev.ts + ev.err / self.hz - TCP_TIMEWAIT_LEN
+            lc.fw2_source = "exact"
+        lc.tw_state = ev.old
+
+    def _tw_kill(self, ptr: int) -> None:
+        lc = self.timewait.get(ptr)
+        if lc is None:
+            return
+        cancel = self._tw_cancels.pop(ptr, None)
+        if cancel is None:
+            ts = lc.last_ts
+        else:
+            ts, substate, left = cancel
+            if substate == TIME_WAIT and (lc.tw_state == FIN_WAIT2 or lc.fw2_source == "peer"):
+                lc.fw2_end, lc.fw2_source = ts + left / self.hz - TCP_TIMEWAIT_LEN, "exact"
+                lc.tw_state = TIME_WAIT
+        self._tw_finish(lc, ts, lc.tw_hint or "killed")
+
+    def _tw_finish(self, lc: Lifecycle, ts: float, how: str) -> None:
+        lc.tw_end, lc.tw_end_how = ts, how
+        if lc.tw is not None:
+            self.timewait.pop(lc.tw, None)
+        if self._tw_tuple.get(self._key(lc)) is lc:
+            del self._tw_tuple[self._key(lc)]
+        if lc.sock not in self._closing or self._closing[lc.sock] is not lc:
+            self._done.append(lc)
 
     def _state(self, ev: Event) -> Lifecycle:
         sock, old, new = ev.sock, ev.old, ev.new
@@ -232,10 +486,15 @@ class Engine:
         if birth or lc is None:
             if lc is not None:
                 self._lose_end(lc)
+                lc = None
             pending = self._closing.pop(sock, None)
-            if pending is not None:
-                self._done.append(pending)
-            if birth:
+            if pending is not None:  # the address was freed and reused within the grace period
+                self._leave_closing(pending, final_check=False)
+            if not birth and self._adopted:
+                lc = self._take_adopted(ev)
+            if lc is not None:
+                pass
+            elif birth:
                 role = {SYN_SENT: "client", LISTEN: "listener", SYN_RECV: "server"}.get(new)
                 lc = Lifecycle(sock, ev.ts, new, role)
                 if new == SYN_RECV:
@@ -252,9 +511,27 @@ class Engine:
         lc.state = new
         lc.last_ts = ev.ts
         lc.note_tuple(ev)
+        if self._adopted and lc.start is not None:
+            # born between the probes attaching and the snapshot: the snapshot's copy is this socket
+            twin = self._adopted.get(self._key(lc))
+            if twin is not None and twin is not lc:
+                del self._adopted[self._key(lc)]
+                if self.open.get(twin.sock) is twin:
+                    del self.open[twin.sock]
         source = _OWNER_TRANSITIONS.get((old, new))
         if source is not None:
             lc.set_owner(ev.pid, ev.comm, source)
+        if self._tw_tuple:
+            if new in (SYN_RECV, ESTABLISHED):
+                held = self._tw_tuple.get(self._key(lc))
+                if held is not None and held is not lc:
+                    held.tw_hint = "reused"  # a new connection on the same 4-tuple took over the timewait socket
+            elif new == LAST_ACK:
+                # A local peer sends its FIN: our end in a FIN_WAIT2 timewait socket turns TIME_WAIT now.
+                # The timer usually says so only when it ends (a re-arm in the same wheel bucket is silent).
+                held = self._tw_tuple.get((lc.raddr, lc.rport, lc.laddr, lc.lport))
+                if held is not None and held.tw_state == FIN_WAIT2:
+                    held.tw_state, held.fw2_end, held.fw2_source = TIME_WAIT, ev.ts, "peer"
         if new == LISTEN and lc.lport:
             self._listeners[lc.lport] = lc
         if new == CLOSE:
@@ -262,6 +539,22 @@ class Engine:
             lc.error = ev.err
             del self.open[sock]
             self._closing[sock] = lc
+            if self.timers and old in (FIN_WAIT2, CLOSING):
+                key = self._key(lc)
+                pending = self._tw_pending.pop(key, None)
+                held = self._tw_tuple.get(key)
+                if pending is None and held is not None and held is not lc and held.tw in self._tw_restarts:
+                    # the older timewait socket on this tuple was killed and its memory reused for ours
+                    ptr = held.tw
+                    created, substate, _left = self._tw_restarts.pop(ptr)
+                    if held.tw_hint is None:
+                        held.tw_hint = "reused"
+                    self._tw_kill(ptr)
+                    pending = (created, ptr, substate)
+                if pending is not None:
+                    self._tw_attach(lc, pending[1], pending[0], pending[2])
+                else:
+                    self._tw_waiting[key] = lc
             if self._listeners.get(lc.lport) is lc:
                 del self._listeners[lc.lport]
         return lc
@@ -269,6 +562,10 @@ class Engine:
     def _reset(self, ev: Event) -> Optional[Lifecycle]:
         if not ev.sock:
             return None
+        held = self.timewait.get(ev.sock)
+        if held is not None and ev.kind == RESET_SENT:
+            held.tw_hint = "reset"  # the timewait socket answered with a RST, and dies
+            return held
         lc = self.open.get(ev.sock) or self._closing.get(ev.sock)
         received = ev.kind == RESET_RECV
         if lc is None:
@@ -311,6 +608,11 @@ class Engine:
         return lc
 
     def _track(self, lc: Lifecycle) -> None:
+        if self.timers:
+            lc.tw_traced = True
+            count, unanswered = self._ka_hints.pop(lc.sock, (0, 0))
+            lc.keepalive_probes = count
+            lc.keepalive_unanswered = unanswered if count else None
         if len(self.open) >= self.max_sockets:
             oldest = next(iter(self.open))
             del self.open[oldest]
@@ -332,25 +634,65 @@ class Engine:
 
     # --- output --------------------------------------------------------------------------------------
     def advance(self, now: float) -> list[Lifecycle]:
-        """Lifecycles that became final by `now` (closed more than `grace` ago, or lost), oldest first."""
-        done, self._done = self._done, []
+        """Lifecycles that became final by `now`, oldest first: closed more than `grace` ago (or lost), and,
+        for those that went on in a timewait socket, once that socket is gone."""
+        limit = now - self.grace
+        for ptr, (ts, _substate, _left) in list(self._tw_restarts.items()):
+            if ts <= limit:
+                self._tw_rearmed(ptr)
+        if self._tw_cancels:
+            for ptr, (ts, _substate, _left) in list(self._tw_cancels.items()):
+                if ts <= limit:  # a cancel with no start or expiry after it: killed early
+                    self._tw_kill(ptr)
         if self._closing:
-            limit = now - self.grace
             for sock, lc in list(self._closing.items()):
                 if lc.end is not None and lc.end <= limit:
-                    done.append(self._closing.pop(sock))
+                    del self._closing[sock]
+                    self._leave_closing(lc)
+        done, self._done = self._done, []
         return done
 
+    def _leave_closing(self, lc: Lifecycle, final_check: bool = True) -> None:
+        """The close is final: tell the views; the lifecycle is final too unless a timewait socket goes on.
+        A timewait socket that should have started and did not is an overflow (tcp_max_tw_buckets)."""
+        self._closed.append(lc)
+        if final_check and self._tw_waiting.get(self._key(lc)) is lc:
+            del self._tw_waiting[self._key(lc)]
+            if lc.timewait is False and self.timers and self._tw_expected(lc):
+                lc.tw_end_how = "overflow" if not self.lost else "unknown"
+        if lc.tw is None or lc.tw_end is not None:
+            self._done.append(lc)
+
+    @staticmethod
+    def _tw_expected(lc: Lifecycle) -> bool:
+        _ts, old, new = lc.transitions[-1]
+        return new == CLOSE and old in (FIN_WAIT2, CLOSING) and not lc.sync_reset and lc.error == 0
+
+    def closed(self) -> list[Lifecycle]:
+        """Lifecycles whose close became final since the last call (a view may show them before a timewait
+        socket ends, which can take a minute)."""
+        out, self._closed = self._closed, []
+        return out
+
     def finish(self) -> list[Lifecycle]:
-        """Everything still held, at the end of a trace: closed ones final, open ones as open."""
+        """Everything still held, at the end of a trace: closed ones final, open ones as open (and sockets
+        still in a timewait socket with that phase open)."""
+        for ptr in list(self._tw_restarts):
+            self._tw_rearmed(ptr)
+        for ptr in list(self._tw_cancels):
+            self._tw_kill(ptr)
         done, self._done = self._done, []
         done.extend(self._closing.values())
+        done.extend(lc for lc in self.timewait.values() if lc.sock not in self._closing
+                    or self._closing[lc.sock] is not lc)
         done.extend(self.open.values())
-        self._closing.clear()
-        self.open.clear()
-        self._listeners.clear()
+        for held in (self._closing, self.open, self._listeners, self.timewait, self._tw_tuple, self._tw_waiting,
+                     self._tw_pending, self._tw_restarts):
+            held.clear()
+        self._closed.clear()
         return done
 
     def lifecycles(self) -> list[Lifecycle]:
-        """Every lifecycle not yet returned (open, and closed within the grace period)."""
-        return list(self.open.values()) + list(self._closing.values())
+        """Every lifecycle not yet returned (open, closed within the grace period, in a timewait socket)."""
+        closing = list(self._closing.values())
+        return list(self.open.values()) + closing + [lc for lc in self.timewait.values() if lc not in closing]

@@ -13,6 +13,11 @@ RETRANSMIT = 2
 RESET_SENT = 3
 RESET_RECV = 4
 OWNER = 5
+TIMEWAIT = 6   # old = tw_substate, new = TIMER_START/CANCEL/EXPIRE, err = jiffies left on the timer
+KEEPALIVE = 7  # new = KA_PROBE, old = probes sent and not answered (this one included)
+
+TIMER_START, TIMER_CANCEL, TIMER_EXPIRE, KA_PROBE = 1, 2, 3, 4
+TCP_TIMEWAIT_LEN = 60.0  # seconds; fixed in Linux (include/net/tcp.h), not a sysctl
 
 STATE_NAMES = {
     1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",

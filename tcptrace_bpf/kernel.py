@@ -102,6 +102,13 @@ class KernelSource:
             table.open_perf_buffer(on_sample, page_cnt=1024, lost_cb=on_lost)
         self.epoch_ns = time.monotonic_ns()
 
+    def snapshot(self) -> list[Any]:
+        """Every TCP socket that exists now, with its owner (sock_diag): taken once the probes are attached,
+        so nothing falls between the snapshot and the events."""
+        from tcptrace_bpf import sockdiag
+
+        return list(sockdiag.snapshot())
+
     def now(self) -> float:
         """Seconds since the epoch, on the same clock as event timestamps (CLOCK_MONOTONIC)."""
         return (time.monotonic_ns() - self.epoch_ns) / 1e9

@@ -64,10 +64,13 @@ class LiveSink:
         if self.filter.empty or (self.filter.match(lc, partial=True) if lc is not None else self.filter.match(ev)):
             self.diagnoser.event(ev, lc)
 
-    def finished(self, lc: Lifecycle) -> None:
+    def closed(self, lc: Lifecycle) -> None:
         if self.filter.empty or self.filter.match(lc):
             self.closes.appendleft(lc)
             self.diagnoser.finished(lc)
+
+    def finished(self, lc: Lifecycle) -> None:
+        pass
 
     def tick(self, now: float) -> None:
         pass
@@ -78,9 +81,10 @@ class LiveSink:
 
 class LiveApp:
     def __init__(self, source: Source, flt: Filter, hooks: dict[str, str], extra_sinks: Optional[list[Any]] = None,
-                 limits: Optional[HostLimits] = None, started: Optional[float] = None) -> None:
+                 limits: Optional[HostLimits] = None, started: Optional[float] = None,
+                 engine: Optional[Engine] = None) -> None:
         self.lock = threading.Lock()
-        self.engine = Engine()
+        self.engine = engine or Engine()
         self.view = LiveSink(flt, limits or host_limits())
         self.tracer = Tracer(source, [self.view, *(extra_sinks or [])], self.engine, self.lock)
         self.filter = flt
@@ -123,6 +127,7 @@ class LiveApp:
         with self.lock:
             now = source.now()
             open_sockets = list(self.engine.open.values())
+            open_sockets += [lc for lc in self.engine.timewait.values() if lc.tw_end is None]
             closes = list(self.view.closes)
             windows = self.view.diagnoser.diagnose_windows(now)
             lost, events = self.engine.lost, self.engine.events

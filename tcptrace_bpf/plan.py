@@ -20,6 +20,24 @@ TP_SEND_LENGTH = "sock/sock_send_length"
 TP_RECV_LENGTH = "sock/sock_recv_length"
 TRACEPOINTS = (TP_STATE, TP_RETRANSMIT, TP_SEND_RESET, TP_RECEIVE_RESET, TP_SEND_LENGTH, TP_RECV_LENGTH)
 
+# Struct fields timers.bpf.c reads, by BTF: define -> (struct, member path).
+TIMER_FIELDS = {
+    "TT_OFF_TIMER_FUNCTION": ("timer_list", "function"),
+    "TT_OFF_TIMER_EXPIRES": ("timer_list", "expires"),
+    "TT_OFF_TW_TIMER": ("inet_timewait_sock", "tw_timer"),
+    "TT_OFF_TW_SUBSTATE": ("inet_timewait_sock", "tw_substate"),
+    "TT_OFF_SK_TIMER": ("sock", "sk_timer"),
+    "TT_OFF_ICSK_PROBES_OUT": ("inet_connection_sock", "icsk_probes_out"),
+    "TT_OFF_SKC_FAMILY": ("sock_common", "skc_family"),
+    "TT_OFF_SKC_NUM": ("sock_common", "skc_num"),
+    "TT_OFF_SKC_DPORT": ("sock_common", "skc_dport"),
+    "TT_OFF_SKC_RCV_SADDR": ("sock_common", "skc_rcv_saddr"),
+    "TT_OFF_SKC_DADDR": ("sock_common", "skc_daddr"),
+    "TT_OFF_SKC_V6_RCV_SADDR": ("sock_common", "skc_v6_rcv_saddr"),
+    "TT_OFF_SKC_V6_DADDR": ("sock_common", "skc_v6_daddr"),
+}
+TIMER_FUNCTIONS = {"TT_TW_HANDLER": "tw_timer_handler", "TT_KA_HANDLER": "tcp_keepalive_timer"}
+
 
 @dataclass
 class KernelFacts:
@@ -37,6 +55,10 @@ class KernelFacts:
     sk_err_offset: Optional[int] = None
     rst_reasons: dict[int, str] = field(default_factory=dict)
     kprobes: bool = False
+    timer_offsets: dict[str, int] = field(default_factory=dict)  # TIMER_FIELDS define -> offset (BTF)
+    timer_functions: dict[str, int] = field(default_factory=dict)  # TIMER_FUNCTIONS define -> address
+    timer_error: Optional[str] = None  # why the timer path is unavailable
+    hz: Optional[int] = None
     headers: Optional[str] = None  # release of the headers at /lib/modules/$(uname -r)/build
     headers_have_rst_reason: bool = False
 
@@ -55,13 +77,17 @@ class Plan:
     defines: dict[str, int]  # -D switches (numbers only)
     problems: list[Problem]
     ringbuf: bool
+    timers: bool = False  # timewait and keepalive traced exactly (timers.bpf.c)
+    hz: Optional[int] = None
 
     @property
     def fatal(self) -> bool:
         return any(p.fatal for p in self.problems)
 
     def cflags(self) -> list[str]:
-        return [f"-D{name}={int(value)}" for name, value in sorted(self.defines.items())]
+        """-D switches: integers only (kernel addresses get a ULL suffix)."""
+        return [f"-D{name}={int(value)}{'ULL' if int(value) >= 2**31 else ''}"
+                for name, value in sorted(self.defines.items())]
 
 
 def make_plan(facts: KernelFacts) -> Plan:
@@ -158,6 +184,21 @@ def make_plan(facts: KernelFacts) -> Plan:
     else:
         hooks["owner"] = "connect/listen/close transitions; accepted sockets take their listener's owner"
 
-    hooks["time_wait"] = "inferred: FIN_WAIT2/CLOSING -> CLOSE with no reset and no error (entry only)"
-    hooks["keepalive"] = "not traced by this version"
-    return Plan(hooks, sources, defines, problems, ringbuf)
+    timers = (facts.version >= (4, 17) and len(facts.timer_offsets) == len(TIMER_FIELDS)
+              and len(facts.timer_functions) == len(TIMER_FUNCTIONS) and bool(facts.hz))
+    if timers:
+        sources.append("timers.bpf.c")
+        defines.update(facts.timer_offsets)
+        defines.update(facts.timer_functions)
+        hooks["time_wait"] = ("exact: raw tracepoints timer:timer_start/timer_cancel/timer_expire_entry on "
+                              "tw_timer_handler (creation, FIN_WAIT2 -> TIME_WAIT, expiry, early kill)")
+        hooks["fin_wait2"] = "exact: the timewait socket's substate and timer (orphaned sockets included)"
+        hooks["keepalive"] = ("exact: raw tracepoints timer:timer_expire_entry/exit on tcp_keepalive_timer "
+                              "(icsk_probes_out before and after)")
+    else:
+        why = facts.timer_error or "no raw tracepoints"
+        hooks["time_wait"] = f"inferred: FIN_WAIT2/CLOSING -> CLOSE with no reset and no error ({why})"
+        hooks["keepalive"] = f"not traced ({why})"
+        problems.append(Problem(f"timewait and keepalive cannot be traced exactly: {why}",
+                                "TIME_WAIT entry is inferred; keepalive probes are not counted", False))
+    return Plan(hooks, sources, defines, problems, ringbuf, timers, facts.hz)

@@ -5,14 +5,16 @@ Kept apart from plan.py so the plan is pure and testable; this module only reads
 
 from __future__ import annotations
 
+import gzip
 import os
 import platform
 import re
+import time
 from pathlib import Path
 from typing import Optional
 
 from tcptrace_bpf.btf import BTF, BTFError
-from tcptrace_bpf.plan import TRACEPOINTS, KernelFacts
+from tcptrace_bpf.plan import TIMER_FIELDS, TIMER_FUNCTIONS, TRACEPOINTS, KernelFacts
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 _FIELD = re.compile(r"field:(.+?)\s+(\w+)(\[\d+\])?;\s+offset:")
@@ -59,6 +61,51 @@ def headers_release(release: str) -> tuple[Optional[str], bool]:
     return "unknown", have_rst
 
 
+def kallsyms(names: set[str]) -> dict[str, int]:
+    """Addresses of kernel symbols (0 for all when kptr_restrict hides them from us)."""
+    found: dict[str, int] = {}
+    try:
+        with open("/proc/kallsyms") as syms:
+            for line in syms:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] in names and parts[2] not in found:
+                    found[parts[2]] = int(parts[0], 16)
+                    if len(found) == len(names):
+                        break
+    except OSError:
+        pass
+    return found
+
+
+_HZ_VALUES = (100, 250, 300, 1000)
+
+
+def kernel_hz() -> Optional[int]:
+    """The kernel's HZ (jiffies per second): CONFIG_HZ from /proc/config.gz, else measured from
+    /proc/timer_list (jiffies against CLOCK_MONOTONIC over 0.2 s, snapped to a value Linux allows)."""
+    try:
+        with gzip.open("/proc/config.gz", "rt") as config:
+            for line in config:
+                if line.startswith("CONFIG_HZ="):
+                    return int(line.split("=")[1])
+    except (OSError, ValueError):
+        pass
+
+    def sample() -> tuple[int, int]:
+        text = Path("/proc/timer_list").read_text()
+        now = int(re.search(r"now at (\d+) nsecs", text).group(1))  # type: ignore[union-attr]
+        jiffies = int(re.search(r"jiffies: (\d+)", text).group(1))  # type: ignore[union-attr]
+        return now, jiffies
+
+    try:
+        (t0, j0), _ = sample(), time.sleep(0.2)
+        t1, j1 = sample()
+    except (OSError, AttributeError, ValueError):
+        return None
+    rate = (j1 - j0) / ((t1 - t0) / 1e9)
+    return min(_HZ_VALUES, key=lambda hz: abs(hz - rate))
+
+
 def probe_kernel(check_bcc: bool = True) -> KernelFacts:
     release = platform.release()
     facts = KernelFacts(release=release, version=kernel_version(release), root=os.geteuid() == 0)
@@ -80,9 +127,22 @@ def probe_kernel(check_bcc: bool = True) -> KernelFacts:
         prefix = "SK_RST_REASON_"
         facts.rst_reasons = {v: k[len(prefix):] if k.startswith(prefix) else k
                              for k, v in btf.enum("sk_rst_reason").items()}
+        for define, (struct_name, path) in TIMER_FIELDS.items():
+            facts.timer_offsets[define] = btf.offset(struct_name, path)
     except BTFError as exc:
-        facts.btf = False
+        facts.btf = facts.sk_err_offset is not None
         facts.btf_error = str(exc)
+        facts.timer_error = f"BTF: {exc}"
+    if facts.timer_error is None:
+        addresses = kallsyms(set(TIMER_FUNCTIONS.values()))
+        facts.timer_functions = {define: addresses[name] for define, name in TIMER_FUNCTIONS.items()
+                                 if addresses.get(name)}
+        if len(facts.timer_functions) < len(TIMER_FUNCTIONS):
+            facts.timer_error = "timer handler addresses not readable in /proc/kallsyms"
+        else:
+            facts.hz = kernel_hz()
+            if not facts.hz:
+                facts.timer_error = "cannot tell the kernel's HZ"
     facts.kprobes = os.path.exists("/sys/bus/event_source/devices/kprobe/type") or (
         facts.tracefs is not None and os.path.exists(os.path.join(facts.tracefs, "kprobe_events"))
     )

@@ -12,11 +12,16 @@ from typing import IO, Any, Iterator, Optional
 
 from tcptrace_bpf.engine import Lifecycle
 from tcptrace_bpf.events import (
+    KEEPALIVE,
     RESET_RECV,
     RESET_SENT,
     RETRANSMIT,
     STATE,
     STATE_NUMBERS,
+    TIMER_CANCEL,
+    TIMER_EXPIRE,
+    TIMER_START,
+    TIMEWAIT,
     Event,
     errno_name,
     state_name,
@@ -24,8 +29,11 @@ from tcptrace_bpf.events import (
 from tcptrace_bpf.filters import NO_FILTER, Filter
 
 SCHEMA = 1
-RECORD_TYPES = ("header", "transition", "retransmit", "reset", "connection", "footer")
+RECORD_TYPES = ("header", "transition", "retransmit", "reset", "timewait", "keepalive", "connection", "footer")
+TIMER_EVENTS = {TIMER_START: "start", TIMER_CANCEL: "cancel", TIMER_EXPIRE: "expire"}
 _REQUIRED = {
+    "timewait": ("ts", "tw", "event", "substate", "left_jiffies"),
+    "keepalive": ("ts", "sock", "unanswered"),
     "header": ("schema",),
     "transition": ("ts", "sock", "from", "to"),
     "retransmit": ("ts", "sock"),
@@ -39,9 +47,10 @@ class RecordingError(Exception):
     """A recording line that is not valid; the message names file:line."""
 
 
-def sock_id(sock: int) -> str:
-    """Kernel socket address as hex text: exact in every JSON reader (it does not fit a double)."""
-    return f"0x{sock:x}"
+def sock_id(sock: int) -> Optional[str]:
+    """Kernel socket address as hex text: exact in every JSON reader (it does not fit a double).
+    None for a socket known only from the snapshot (its address is not in sock_diag)."""
+    return f"0x{sock:x}" if sock > 0 else None
 
 
 def _r(ts: Optional[float]) -> Optional[float]:
@@ -65,6 +74,12 @@ def event_record(ev: Event, lc: Optional[Lifecycle], reasons: dict[int, str]) ->
                "state": state_name(lc.state) if lc is not None else (state_name(ev.old) if ev.old else None)}
         if ev.kind == RESET_SENT and ev.err >= 0:
             rec["reason"] = reasons.get(ev.err, str(ev.err))
+    elif ev.kind == TIMEWAIT:
+        rec = {"type": "timewait", "ts": _r(ev.ts), "tw": sock_id(ev.sock), "event": TIMER_EVENTS.get(ev.new),
+               "substate": state_name(ev.old), "left_jiffies": ev.err,
+               "sock": sock_id(lc.sock) if lc is not None else None}
+    elif ev.kind == KEEPALIVE:
+        rec = {"type": "keepalive", "ts": _r(ev.ts), "sock": sock_id(ev.sock), "unanswered": ev.old}
     else:
         return None
     rec.update(family=who.family or None, laddr=who.laddr or None, lport=who.lport or None,
@@ -89,8 +104,9 @@ def connection_record(lc: Lifecycle) -> dict[str, Any]:
         "rport": lc.rport or None, "pid": lc.pid, "comm": lc.comm, "pid_source": lc.pid_source,
         "role": lc.role, "start": _r(lc.start), "end": _r(lc.end), "states": states,
         "retransmits": lc.retransmits, "resets_sent": lc.resets_sent, "resets_received": lc.resets_received,
-        "keepalive_probes": None, "close": lc.close_kind(), "error": errno_name(lc.error),
-        "time_wait": lc.timewait, "gaps": lc.gaps,
+        "keepalive_probes": lc.keepalive_probes, "keepalive_unanswered": lc.keepalive_unanswered,
+        "close": lc.close_kind(), "error": errno_name(lc.error), "time_wait": lc.timewait,
+        "time_wait_end": lc.tw_end_how, "tw": sock_id(lc.tw) if lc.tw is not None else None, "gaps": lc.gaps,
     }
 
 
@@ -174,6 +190,8 @@ def _parse(line: str, name: str, lineno: int) -> tuple[int, dict[str, Any]]:
         raise RecordingError(f"{name}:{lineno}: {kind} record lacks {', '.join(missing)}")
     if kind == "header" and rec["schema"] != SCHEMA:
         raise RecordingError(f"{name}:{lineno}: schema {rec['schema']!r} is not supported (this is {SCHEMA})")
+    if kind == "timewait" and (rec["event"] not in TIMER_EVENTS.values() or rec["substate"] not in STATE_NUMBERS):
+        raise RecordingError(f"{name}:{lineno}: bad timewait record")
     if kind == "transition" and (rec["from"] not in STATE_NUMBERS or rec["to"] not in STATE_NUMBERS):
         raise RecordingError(f"{name}:{lineno}: unknown TCP state in transition")
     if kind == "connection" and not isinstance(rec["states"], list):

@@ -10,18 +10,25 @@ import time
 from typing import IO, Any, Callable, Iterator, Optional
 
 from tcptrace_bpf.events import (
+    KA_PROBE,
+    KEEPALIVE,
     OWNER,
     RESET_RECV,
     RESET_SENT,
     RETRANSMIT,
     STATE,
     STATE_NUMBERS,
+    TIMER_CANCEL,
+    TIMER_EXPIRE,
+    TIMER_START,
+    TIMEWAIT,
     Event,
     errno_number,
 )
 from tcptrace_bpf.recording import read_records
 
 _BATCH = 20000
+_TIMER_EVENTS = {"start": TIMER_START, "cancel": TIMER_CANCEL, "expire": TIMER_EXPIRE}
 
 
 def _sock(text: Optional[str]) -> int:
@@ -39,7 +46,7 @@ def events_from_records(records: Iterator[tuple[int, dict[str, Any]]], meta: dic
         if kind == "footer":
             meta["footer"] = rec
             continue
-        if kind not in ("transition", "retransmit", "reset"):
+        if kind not in ("transition", "retransmit", "reset", "timewait", "keepalive"):
             continue
         sock = _sock(rec.get("sock"))
         base = dict(ts=float(rec["ts"]), sock=sock, family=rec.get("family") or 0, laddr=rec.get("laddr") or "",
@@ -53,6 +60,11 @@ def events_from_records(records: Iterator[tuple[int, dict[str, Any]]], meta: dic
                         err=errno_number(rec.get("error")), **base)
             if rec["to"] == "CLOSE":
                 owners.pop(sock, None)
+        elif kind == "timewait":
+            yield Event(kind=TIMEWAIT, old=STATE_NUMBERS[rec["substate"]], new=_TIMER_EVENTS[rec["event"]],
+                        err=int(rec["left_jiffies"]), **{**base, "sock": _sock(rec["tw"])})
+        elif kind == "keepalive":
+            yield Event(kind=KEEPALIVE, old=int(rec["unanswered"]), new=KA_PROBE, **base)
         elif kind == "retransmit":
             yield Event(kind=RETRANSMIT, old=STATE_NUMBERS.get(rec.get("state") or "", 0), **base)
         else:
@@ -71,14 +83,14 @@ class RecordingSource:
         self.clock = clock
         self.sleep = sleep
         self._events = events_from_records(read_records(stream, name), self.meta)
-        self._next: Optional[Event] = None
+        self._next: Optional[Event] = next(self._events, None)  # reads the header into meta too
+        self._started = False
         self._t0 = 0.0
         self._last_ts = 0.0
         self.finished = False
 
     def start(self) -> None:
         self._t0 = self.clock()
-        self._next = next(self._events, None)
         self.finished = self._next is None
 
     def now(self) -> float:

@@ -60,10 +60,14 @@ class TextSink:
     def event(self, ev: Event, lc: Optional[Lifecycle]) -> None:
         pass
 
-    def finished(self, lc: Lifecycle) -> None:
+    def closed(self, lc: Lifecycle) -> None:
+        """Printed at the close, not a minute later when a timewait socket ends (TIME_WAIT shows as open)."""
         if self.filter.empty or self.filter.match(lc):
-            end = lc.end if lc.end is not None else lc.last_ts
-            self.out.write(f"{end:10.3f} {describe(lc)}\n")
+            self.out.write(f"{lc.end:10.3f} {describe(lc)}\n")
+
+    def finished(self, lc: Lifecycle) -> None:
+        if lc.end is None and (self.filter.empty or self.filter.match(lc)):  # open at the end of the trace
+            self.out.write(f"{lc.last_ts:10.3f} {describe(lc)}\n")
 
     def tick(self, now: float) -> None:
         self.out.flush()

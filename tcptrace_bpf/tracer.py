@@ -34,6 +34,10 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
+    """finished(lc): the lifecycle is final (for a socket that went on in a timewait socket, when that one
+    is gone, up to a minute after the close).  A sink may also define closed(lc), called as soon as the
+    close itself is final, to show it without that wait."""
+
     def start(self, header: dict[str, Any]) -> None: ...
     def event(self, ev: Event, lc: Optional[Lifecycle]) -> None: ...
     def finished(self, lc: Lifecycle) -> None: ...
@@ -47,8 +51,14 @@ def header(plan: Plan, flt: Filter) -> dict[str, Any]:
         "tool": "tcptrace-bpf", "version": __version__, "kernel": platform.release(),
         "host": platform.node(), "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "clock": "seconds since the recording started (CLOCK_MONOTONIC)", "hooks": plan.hooks,
-        "filters": flt.as_dict(),
+        "timers": plan.timers, "hz": plan.hz, "filters": flt.as_dict(),
     }
+
+
+def engine_for(plan_or_header: Any) -> Engine:
+    """An engine that knows whether timewait sockets and keepalive are followed (plan, or recording header)."""
+    get = plan_or_header.get if isinstance(plan_or_header, dict) else (lambda k: getattr(plan_or_header, k, None))
+    return Engine(timers=bool(get("timers")), hz=get("hz") or 250)
 
 
 class Tracer:
@@ -62,6 +72,7 @@ class Tracer:
         self._lock: ContextManager[Any] = lock if lock is not None else contextlib.nullcontext()
         self._seen_lost = 0
         self._cpu_start = os.times()
+        self._closed_hooks = [sink.closed for sink in sinks if hasattr(sink, "closed")]
 
     def stop(self, reason: str) -> None:
         self.stop_reason = reason
@@ -73,9 +84,14 @@ class Tracer:
         signal.signal(signal.SIGTERM, handler)
 
     def begin(self, header: dict[str, Any]) -> None:
-        """Attach (source.start) and only then announce: the header means every probe is in place."""
+        """Attach (source.start), adopt the sockets that already exist (a source that can list them), and
+        only then announce: the header means every probe is in place."""
         self.source.start()
         self._cpu_start = os.times()
+        snapshot = getattr(self.source, "snapshot", None)
+        if snapshot is not None:
+            with self._lock:
+                header = {**header, "preexisting": self.engine.adopt(snapshot(), self.source.now())}
         for sink in self.sinks:
             sink.start(header)
 
@@ -93,7 +109,11 @@ class Tracer:
                 engine.note_lost(lost - self._seen_lost)
                 self._seen_lost = lost
             now = source.now()
-            for lc in engine.advance(now):
+            final = engine.advance(now)
+            for lc in engine.closed():
+                for hook in self._closed_hooks:
+                    hook(lc)
+            for lc in final:
                 for sink in sinks:
                     sink.finished(lc)
         for sink in sinks:
@@ -105,6 +125,9 @@ class Tracer:
         try:
             self.step(0)
             with self._lock:
+                for lc in self.engine.closed():
+                    for hook in self._closed_hooks:
+                        hook(lc)
                 for lc in self.engine.finish():
                     for sink in self.sinks:
                         sink.finished(lc)

@@ -30,7 +30,7 @@ TREND_POINTS = 60
 
 
 def _in_state_since(lc: Lifecycle) -> Optional[float]:
-    return lc.transitions[-1][0] if lc.transitions else None
+    return lc.phase()[1]
 
 
 def _first_seen(lc: Lifecycle) -> Optional[float]:
@@ -46,7 +46,7 @@ _SORT_KEYS: dict[str, Callable[[Lifecycle], Any]] = {
     "age": lambda lc: -(_first_seen(lc) or 0.0),
     "retrans": lambda lc: lc.retransmits,
     "resets": lambda lc: lc.resets_sent + lc.resets_received,
-    "state": lambda lc: -STATES.index(state_name(lc.state)) if state_name(lc.state) in STATES else -99,
+    "state": lambda lc: -STATES.index(state_name(lc.phase()[0])) if state_name(lc.phase()[0]) in STATES else -99,
 }
 
 
@@ -112,10 +112,10 @@ def row_of(lc: Lifecycle, now: float) -> Row:
     first = _first_seen(lc)
     return Row(
         local=endpoint(lc.laddr or "?", lc.lport), remote=endpoint(lc.raddr, lc.rport) if lc.rport else "*",
-        owner=who(lc.pid, lc.comm), state=state_name(lc.state),
+        owner=who(lc.pid, lc.comm), state=state_name(lc.phase()[0]),
         in_state=None if since is None else now - since, age=None if first is None else now - first,
         age_known=lc.start is not None, retransmits=lc.retransmits,
-        resets=f"{lc.resets_sent}/{lc.resets_received}", keepalive=None,
+        resets=f"{lc.resets_sent}/{lc.resets_received}", keepalive=lc.keepalive_probes,
     )
 
 
@@ -132,7 +132,7 @@ def take_snapshot(open_sockets: Iterable[Lifecycle], closes: Iterable[Lifecycle]
         tracked += 1
         if filtering and not flt.match(lc, partial=True):
             continue
-        state = lc.state
+        state = lc.state if lc.tw_state is None else lc.phase()[0]
         by_state[state] = by_state.get(state, 0) + 1
         if wanted is None or state == wanted:
             chosen.append(lc)

@@ -12,13 +12,13 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from tcptrace_bpf.engine import Engine, Lifecycle
+from tcptrace_bpf.engine import Lifecycle
 from tcptrace_bpf.events import Event
 from tcptrace_bpf.filters import NO_FILTER
 from tcptrace_bpf.kernel import KernelSource
 from tcptrace_bpf.plan import make_plan
 from tcptrace_bpf.probe import probe_kernel
-from tcptrace_bpf.tracer import Tracer, header
+from tcptrace_bpf.tracer import Tracer, engine_for, header
 
 from .net import NetnsPair
 
@@ -48,6 +48,7 @@ class Collector:
         self.lock = threading.Lock()
         self.events: list[Event] = []
         self.done: list[Lifecycle] = []
+        self.closed_list: list[Lifecycle] = []
         self.footer: Optional[dict[str, Any]] = None
 
     def start(self, header: dict[str, Any]) -> None:
@@ -61,6 +62,10 @@ class Collector:
         with self.lock:
             self.done.append(lc)
 
+    def closed(self, lc: Lifecycle) -> None:
+        with self.lock:
+            self.closed_list.append(lc)
+
     def tick(self, now: float) -> None:
         pass
 
@@ -73,7 +78,7 @@ class LiveTrace:
         self.plan = make_plan(probe_kernel())
         self.source = KernelSource(self.plan)
         self.collector = Collector()
-        self.tracer = Tracer(self.source, [self.collector], Engine())
+        self.tracer = Tracer(self.source, [self.collector], engine_for(self.plan))
         self.ready = threading.Event()
         self.error: Optional[BaseException] = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -95,13 +100,15 @@ class LiveTrace:
         self.tracer.stop("test session over")
         self.thread.join(10)
 
-    def wait_for(self, match: Callable[[Lifecycle], bool], count: int = 1, timeout: float = 10) -> list[Lifecycle]:
-        """Finished lifecycles matching `match`, once at least `count` exist (fails after `timeout`)."""
+    def wait_for(self, match: Callable[[Lifecycle], bool], count: int = 1, timeout: float = 10,
+                 closed: bool = False) -> list[Lifecycle]:
+        """Finished (or, with closed=True, closed: a timewait socket may live on) lifecycles matching
+        `match`, once at least `count` exist (fails after `timeout`)."""
         deadline = time.monotonic() + timeout
         while True:
             assert self.error is None, self.error
             with self.collector.lock:
-                found = [lc for lc in self.collector.done if match(lc)]
+                found = [lc for lc in (self.collector.closed_list if closed else self.collector.done) if match(lc)]
             if len(found) >= count or time.monotonic() > deadline:
                 assert len(found) >= count, f"expected {count} lifecycles, found {len(found)}: {found}"
                 return found

@@ -14,6 +14,7 @@ import pytest
 from .net import Peer, free_port
 
 SESSION = "tcptrace-live-test"
+ERRORS = "/tmp/tcptrace-live-test.err"
 
 
 def tmux(*args: str) -> str:
@@ -32,7 +33,13 @@ def wait_screen(predicate, timeout: float = 30) -> str:
         if predicate(text):
             return text
         time.sleep(0.2)
-    raise AssertionError(f"screen never matched; last screen:\n{text}")
+    errors = open(ERRORS).read() if os.path.exists(ERRORS) else ""
+    raise AssertionError(f"screen never matched; last screen:\n{text}\nstderr:\n{errors[-2000:]}")
+
+
+def quit_cleanly(reason: str) -> None:
+    """The program ended with status 0: its last line, or (once tmux has replaced the screen) the dead pane."""
+    wait_screen(lambda s: f"stopped ({reason})" in s or "Pane is dead (status 0," in s, timeout=10)
 
 
 @pytest.fixture
@@ -41,7 +48,9 @@ def live_in_tmux():
     subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
 
     def start(*args: str) -> None:
-        cmd = " ".join([sys.executable, "-m", "tcptrace_bpf", "live", *args])
+        # pytest exports COLUMNS=80/LINES=24, which rich would obey over the real 200x50 pane
+        cmd = " ".join(["env", "-u", "COLUMNS", "-u", "LINES", sys.executable, "-m", "tcptrace_bpf", "live", *args,
+                        "2>", ERRORS])
         tmux("new-session", "-d", "-s", SESSION, "-x", "200", "-y", "50", cmd)
         tmux("set-option", "-t", SESSION, "remain-on-exit", "on")
         tmux("resize-window", "-t", SESSION, "-x", "200", "-y", "50")
@@ -68,9 +77,9 @@ def test_live_view_shows_the_tests_connection(live_in_tmux):
         c.close()
         peer.wait()
     text = wait_screen(lambda s: "recent closes" in s and "active" in s and f":{lport} ->" in s)
-    tmux("send-keys", "-t", SESSION, "q")
-    text = wait_screen(lambda s: "stopped (q)" in s, timeout=10)
     assert "lost 0" in text
+    tmux("send-keys", "-t", SESSION, "q")
+    quit_cleanly("q")
 
 
 def test_live_keys_sort_and_filter(live_in_tmux):
@@ -84,4 +93,4 @@ def test_live_keys_sort_and_filter(live_in_tmux):
     tmux("send-keys", "-t", SESSION, "p")
     wait_screen(lambda s: "PAUSED" in s)
     tmux("send-keys", "-t", SESSION, "C-c")
-    wait_screen(lambda s: "stopped (SIGINT)" in s, timeout=10)
+    quit_cleanly("SIGINT")

@@ -27,7 +27,7 @@ def test_active_close_across_namespaces(live, netns):
     lport = c.getsockname()[1]
     c.close()
     peer.wait()
-    (client,) = live.wait_for(lambda lc: lc.lport == lport and lc.rport == port)
+    (client,) = live.wait_for(lambda lc: lc.lport == lport and lc.rport == port, closed=True)
     assert (client.laddr, client.raddr) == (netns.V4[0], server_ip)
     assert client.close_kind() == "active"
     established = [iv for iv in client.intervals() if iv.state == ESTABLISHED][0]
@@ -51,7 +51,7 @@ def test_retransmissions_counted_while_the_peer_drops(live, netns):
         time.sleep(1.2)  # RTO 200 ms min, doubling: 3 or more retransmissions
     c.close()
     peer.wait()
-    (client,) = live.wait_for(lambda lc: lc.lport == lport and lc.rport == port, timeout=15)
+    (client,) = live.wait_for(lambda lc: lc.lport == lport and lc.rport == port, timeout=15, closed=True)
     assert client.retransmits >= 2
     assert client.close_kind() == "active"
     retrans = live.events_for(lambda ev: ev.kind == RETRANSMIT and ev.sock == client.sock and ev.lport == lport)
@@ -88,5 +88,5 @@ def test_ipv6_across_namespaces(live, netns):
     lport = c.getsockname()[1]
     c.close()
     peer.wait()
-    (client,) = live.wait_for(lambda lc: lc.lport == lport and lc.rport == port)
+    (client,) = live.wait_for(lambda lc: lc.lport == lport and lc.rport == port, closed=True)
     assert client.family == 6 and client.raddr == server_ip and client.close_kind() == "active"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 from tcptrace_bpf.plan import (
+    TIMER_FIELDS,
     TP_RECEIVE_RESET,
     TP_RECV_LENGTH,
     TP_RETRANSMIT,
@@ -30,6 +33,8 @@ def kernel_6_18(**changes):
             TP_RECV_LENGTH: ("sk", "family", "protocol", "ret", "flags"),
         },
         field_types={TP_SEND_RESET: {"reason": "enum sk_rst_reason"}},
+        timer_offsets={define: 8 * i for i, define in enumerate(TIMER_FIELDS)},
+        timer_functions={"TT_TW_HANDLER": 0xFFFFFFFF82003430, "TT_KA_HANDLER": 0xFFFFFFFF820289B0}, hz=250,
     )
     for key, value in changes.items():
         setattr(facts, key, value)
@@ -50,13 +55,15 @@ def kernel_5_10():
 
 def test_6_18_uses_every_tracepoint_and_the_ringbuf():
     plan = make_plan(kernel_6_18())
-    assert plan.sources == ["state.bpf.c", "retransmit.bpf.c", "reset.bpf.c", "owner.bpf.c"]
+    assert plan.sources == ["state.bpf.c", "retransmit.bpf.c", "reset.bpf.c", "owner.bpf.c", "timers.bpf.c"]
+    assert plan.timers and plan.hz == 250 and plan.hooks["time_wait"].startswith("exact")
+    assert "-DTT_TW_HANDLER=18446744071595635760ULL" in plan.cflags()
     assert plan.ringbuf and not plan.problems
     d = plan.defines
     assert d["TT_SK_ERR_OFFSET"] == 284 and d["TT_RETRANSMIT_HAS_ERR"] == 1 and d["TT_SEND_RESET_SOCKADDR"] == 1
     assert d["TT_DECLARE_SK_RST_REASON"] == 1 and d["TT_OWNER_TRACKING"] == 1
     assert "(err == 0 only)" in plan.hooks["retransmit"]
-    assert all(flag.startswith("-DTT_") and flag.split("=")[1].lstrip("-").isdigit() for flag in plan.cflags())
+    assert all(re.fullmatch(r"-DTT_\w+=-?\d+(ULL)?", flag) for flag in plan.cflags())
 
 
 def test_headers_with_the_enum_do_not_redeclare_it():
@@ -112,3 +119,9 @@ def test_no_btf_warns_and_disables_error_read():
     plan = make_plan(kernel_6_18(sk_err_offset=None, btf=False, btf_error="missing"))
     assert plan.defines["TT_SK_ERR_OFFSET"] == -1 and not plan.fatal
     assert "unavailable" in plan.hooks["close_error"]
+
+
+def test_no_timer_path_falls_back_to_inference():
+    plan = make_plan(kernel_6_18(timer_functions={}, timer_error="timer handler addresses not readable"))
+    assert not plan.timers and "timers.bpf.c" not in plan.sources and not plan.fatal
+    assert plan.hooks["time_wait"].startswith("inferred") and "not readable" in plan.hooks["keepalive"]
