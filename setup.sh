@@ -98,7 +98,7 @@ case "$cmd" in
     "") say "ready: $venv/bin/tcptrace-bpf" ;;
     run) exec "$venv/bin/tcptrace-bpf" "$@" ;;
     test)
-        "$venv/bin/ruff" check tcptrace_bpf tests
+        "$venv/bin/ruff" check tcptrace_bpf tests bench
         exec "$venv/bin/python" -m pytest -p no:cacheprovider "$@" ;;
     *) die "unknown command '$cmd' (use: run, test, or nothing)" ;;
 esac

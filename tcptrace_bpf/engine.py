@@ -296,6 +296,7 @@ class Engine:
         self._early_resets: dict[int, tuple[int, int]] = {}
         self._done: list[Lifecycle] = []
         self.events = 0
+        self.by_kind: dict[int, int] = {}
         self.gaps = 0
         self.evicted = 0
         self.lost = 0
@@ -309,6 +310,7 @@ class Engine:
         """Apply one event; returns the lifecycle it belongs to (None for facts with no socket)."""
         self.events += 1
         kind = ev.kind
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
         if kind == STATE:
             return self._state(ev)
         if kind == RETRANSMIT:

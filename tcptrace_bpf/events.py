@@ -17,6 +17,8 @@ TIMEWAIT = 6   # old = tw_substate, new = TIMER_START/CANCEL/EXPIRE, err = jiffi
 KEEPALIVE = 7  # new = KA_PROBE, old = probes sent and not answered (this one included)
 
 TIMER_START, TIMER_CANCEL, TIMER_EXPIRE, KA_PROBE = 1, 2, 3, 4
+KIND_NAMES = {STATE: "state", RETRANSMIT: "retransmit", RESET_SENT: "reset_sent", RESET_RECV: "reset_received",
+              OWNER: "owner", TIMEWAIT: "timewait", KEEPALIVE: "keepalive"}
 TCP_TIMEWAIT_LEN = 60.0  # seconds; fixed in Linux (include/net/tcp.h), not a sysctl
 
 STATE_NAMES = {

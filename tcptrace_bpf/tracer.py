@@ -18,7 +18,7 @@ from typing import Any, Callable, ContextManager, Optional, Protocol
 
 from tcptrace_bpf import __version__
 from tcptrace_bpf.engine import Engine, Lifecycle
-from tcptrace_bpf.events import Event
+from tcptrace_bpf.events import KIND_NAMES, Event
 from tcptrace_bpf.filters import Filter
 from tcptrace_bpf.plan import Plan
 
@@ -138,6 +138,7 @@ class Tracer:
         engine = self.engine
         footer = {
             "ts": round(now, 6), "reason": self.stop_reason, "lost_events": engine.lost, "events": engine.events,
+            "events_by_kind": {KIND_NAMES.get(k, str(k)): n for k, n in sorted(engine.by_kind.items())},
             "gaps": engine.gaps, "evicted": engine.evicted,
             "cpu_seconds": round((cpu.user - self._cpu_start.user) + (cpu.system - self._cpu_start.system), 3),
         }
