@@ -93,3 +93,28 @@ def test_port_filter_excludes_other_listeners_and_socketless_resets():
               other(RESET_SENT, 0.6, 0, err=1, lport=9, rport=4444)]
     recs = parse(record(events, end=5, flt=Filter(port=80)))
     assert [r["type"] for r in recs] == ["header", "footer"]
+
+
+def test_fast_transition_line_is_the_same_record():
+    import json as _json
+
+    from tcptrace_bpf.engine import Engine
+    from tcptrace_bpf.recording import event_record, transition_line
+
+    engine = Engine()
+    for ev in client_active_close() + [ev._replace(comm='we"ird\\name', err=104) for ev in client_active_close(9)]:
+        lc = engine.feed(ev)
+        if ev.kind == 1:
+            assert _json.loads(transition_line(ev, lc)) == event_record(ev, lc, {})
+            assert list(_json.loads(transition_line(ev, lc))) == list(event_record(ev, lc, {}))
+
+
+def test_skimmed_lines_are_still_checked_for_shape():
+    text = record(client_active_close(), end=10)
+    lines = text.splitlines(keepends=True)
+    skim = frozenset(("transition",))
+    kinds = [r["type"] for _n, r in read_records(io.StringIO(text), "t", skim=skim)]
+    assert kinds.count("transition") == 5 and kinds[0] == "header"
+    lines.insert(2, '{"type": "transition", "ts": 1.0, "sock": "0x1", broken\n')
+    with pytest.raises(RecordingError, match="t:3: not JSON"):
+        list(read_records(io.StringIO("".join(lines)), "t", skim=skim))
