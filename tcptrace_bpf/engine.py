@@ -53,7 +53,8 @@ from tcptrace_bpf.events import (
 
 GRACE = 0.25
 CLOSE_KINDS = ("active", "passive", "simultaneous", "reset", "refused", "timeout", "open", "unknown")
-TIME_WAIT_ENDS = ("expired", "fin_wait2_timeout", "reset", "reused", "killed", "overflow", "unknown")
+TIME_WAIT_ENDS = ("expired", "fin_wait2_timeout", "reset", "reused", "killed", "overflow", "unknown", "untracked")
+MAX_TIMEWAIT = 65536  # lifecycles held while their timewait socket lives (~1 KiB each); beyond: written early
 
 # Transitions that only ever run in the owning task's own system call: (old, new) -> pid source.
 _OWNER_TRANSITIONS = {
@@ -270,9 +271,10 @@ class Engine:
     """Rebuilds lifecycles from events.  Finished lifecycles come back from advance() and finish()."""
 
     def __init__(self, grace: float = GRACE, max_sockets: int = 1_000_000, timers: bool = False,
-                 hz: int = 250) -> None:
+                 hz: int = 250, max_timewait: int = MAX_TIMEWAIT) -> None:
         self.grace = grace
         self.max_sockets = max_sockets
+        self.max_timewait = max_timewait
         self.timers = timers  # the source follows timewait sockets and keepalive probes (timer hooks)
         self.hz = hz
         # timewait sockets: started but not yet matched to their full socket's ->CLOSE (by 4-tuple);
@@ -449,6 +451,11 @@ class Engine:
         lc.tw, lc.tw_created, lc.tw_state = ptr, created, substate
         self.timewait[ptr] = lc
         self._tw_tuple[self._key(lc)] = lc
+        if len(self.timewait) > self.max_timewait:
+            # memory stays bounded: the oldest is written now, its TIME_WAIT open and marked untracked
+            oldest = self.timewait[next(iter(self.timewait))]
+            self.evicted += 1
+            self._tw_finish(oldest, None, "untracked")
 
     def _tw_substate(self, lc: Lifecycle, ev: Event) -> None:
         """Note the substate a timer event read; place a FIN_WAIT2 -> TIME_WAIT switch not seen as it happened:
@@ -472,7 +479,7 @@ class Engine:
                 lc.tw_state = TIME_WAIT
         self._tw_finish(lc, ts, lc.tw_hint or "killed")
 
-    def _tw_finish(self, lc: Lifecycle, ts: float, how: str) -> None:
+    def _tw_finish(self, lc: Lifecycle, ts: Optional[float], how: str) -> None:
         lc.tw_end, lc.tw_end_how = ts, how
         if lc.tw is not None:
             self.timewait.pop(lc.tw, None)
@@ -662,7 +669,7 @@ class Engine:
             del self._tw_waiting[self._key(lc)]
             if lc.timewait is False and self.timers and self._tw_expected(lc):
                 lc.tw_end_how = "overflow" if not self.lost else "unknown"
-        if lc.tw is None or lc.tw_end is not None:
+        if lc.tw is None or lc.tw_end_how is not None:
             self._done.append(lc)
 
     @staticmethod

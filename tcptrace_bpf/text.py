@@ -1,8 +1,8 @@
 """Plain-text sink: one line per finished socket lifetime, for `tcptrace-bpf trace` (the main job until the
 live view lands) and anywhere a compact timeline helps.
 
-Each state shows its duration with a mark for how it was measured: none = exact, `~` = inferred,
-`?` = the socket existed before the trace (start unseen), `!` = events were lost around it.
+Each state shows its duration with a mark for how it was measured (MARKS; README "Durations and their
+sources"): none = exact, `=` peer, `%` polled, `~` inferred, `?` started before the trace, `!` lost events.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from tcptrace_bpf.events import TIME_WAIT, Event, state_name
 from tcptrace_bpf.filters import NO_FILTER, Filter
 from tcptrace_bpf.report import endpoint, fmt_seconds
 
-MARKS = {"exact": "", "inferred": "~", "partial": "?", "gap": "!"}
-LEGEND = "durations: exact, ~ inferred, ? started before the trace, ! events lost around it"
+MARKS = {"exact": "", "peer": "=", "polled": "%", "inferred": "~", "partial": "?", "gap": "!"}
+LEGEND = ("durations: exact, = placed by the local peer, % from a socket snapshot, ~ inferred, "
+          "? started before the trace, ! events lost around it")
 
 
 def timeline(intervals: list[Interval]) -> str:

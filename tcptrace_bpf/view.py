@@ -213,7 +213,8 @@ def render_closes(snap: Snapshot, limit: int) -> Table:
     table = Table(title="recent closes", title_justify="left", box=None, header_style="bold", pad_edge=False)
     table.add_column("sockets", no_wrap=True, overflow="ellipsis", min_width=40)
     table.add_column("close", no_wrap=True, min_width=12)
-    table.add_column("lifecycle (~ inferred, ? before trace, ! lost events)", no_wrap=True, overflow="ellipsis")
+    table.add_column("lifecycle (= peer, % polled, ~ inferred, ? before trace, ! lost events)", no_wrap=True,
+                     overflow="ellipsis")
     for _end, where, kind, line in snap.closes[:limit]:
         table.add_row(where, kind, line)
     return table

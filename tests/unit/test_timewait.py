@@ -272,3 +272,19 @@ def test_same_pointer_same_tuple_after_reuse_is_a_new_timewait_socket():
     assert old.tw_end_how == "reused" and old.tw_end == pytest.approx(5.00001)
     assert old.intervals()[-1].state == TIME_WAIT and old.intervals()[-1].enter == 2.5
     assert engine.timewait[TW].sock == sk2 and engine.timewait[TW].tw_state == FW2
+
+
+def test_held_timewait_lifecycles_are_bounded():
+    engine = Engine(timers=True, hz=HZ, max_timewait=2)
+    for i in range(4):
+        sk, ptr = CLIENT_SK + i * 0x100, TW + i * 0x100
+        for ev in orphan_close(t0=1.0 + i):
+            if ev.kind == TIMEWAIT:
+                ev = ev._replace(sock=ptr, lport=40000 + i)
+            else:
+                ev = ev._replace(sock=sk, lport=40000 + i if ev.lport else 0)
+            engine.feed(ev)
+    final = engine.advance(10)
+    assert len(engine.timewait) == 2 and engine.evicted == 2
+    assert [lc.tw_end_how for lc in final] == ["untracked", "untracked"]
+    assert final[0].intervals()[-1].leave is None
