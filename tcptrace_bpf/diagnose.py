@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from tcptrace_bpf.engine import Lifecycle
-from tcptrace_bpf.events import CLOSE_WAIT, FIN_WAIT2, RETRANSMIT, SYN_SENT, Event
+from tcptrace_bpf.events import CLOSE_WAIT, FIN_WAIT2, RETRANSMIT, STATE, SYN_SENT, Event
 
 WINDOW = 60.0
 CLOSE_WAIT_PILE = 5          # sockets in CLOSE_WAIT in one process...
@@ -67,7 +67,7 @@ class Diagnoser:
     def event(self, ev: Event, lc: Optional[Lifecycle]) -> None:
         if ev.kind == RETRANSMIT and ev.raddr:
             self._retrans.append((ev.ts, endpoint(ev.raddr, ev.rport)))
-        elif lc is not None and ev.new == SYN_SENT and ev.old != SYN_SENT and ev.raddr:
+        elif ev.kind == STATE and ev.new == SYN_SENT and lc is not None and ev.raddr:
             self._syn.append((ev.ts, who(lc.pid, lc.comm), endpoint(ev.raddr, ev.rport)))
 
     def finished(self, lc: Lifecycle) -> None:

@@ -139,3 +139,14 @@ def test_killed_by_timeout():
         diag.finished(lc)
     (d,) = diag.diagnose([], now=6)
     assert d.title.startswith("connections killed by timeout") and "10.0.0.2:80 (1)" in d.evidence
+
+
+def test_timer_events_are_not_connection_attempts():
+    """A timewait timer cancel has sub-kind 2, the number of SYN_SENT: it must not count as a connect."""
+    from tcptrace_bpf.events import TIMER_CANCEL, TIMEWAIT
+
+    diag = Diagnoser()
+    for i in range(SYN_SENT_PEERS * 2):
+        diag.event(other(TIMEWAIT, 1 + i * 0.01, 0x9000 + i, old=6, rport=30000 + i)._replace(new=TIMER_CANCEL),
+                   Engine().feed(st(1, 0x100 + i, ESTABLISHED, CLOSE_WAIT)))
+    assert diag.diagnose([], now=2) == []
