@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-RINGBUF_PAGES = 1024  # 4 MiB: about 47k events in flight before a reserve fails
+RINGBUF_PAGES = 4096  # 16 MiB: ~190k events in flight; timewait expiries come in bursts of thousands
 
 TP_STATE = "sock/inet_sock_set_state"
 TP_RETRANSMIT = "tcp/tcp_retransmit_skb"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import IO, Any, Optional
 
 from tcptrace_bpf.engine import Interval, Lifecycle
-from tcptrace_bpf.events import TIME_WAIT, Event, state_name
+from tcptrace_bpf.events import FIN_WAIT2, TIME_WAIT, Event, state_name
 from tcptrace_bpf.filters import NO_FILTER, Filter
 from tcptrace_bpf.report import endpoint, fmt_seconds
 
@@ -67,8 +67,16 @@ class TextSink:
             self.out.write(f"{lc.end:10.3f} {describe(lc)}\n")
 
     def finished(self, lc: Lifecycle) -> None:
-        if lc.end is None and (self.filter.empty or self.filter.match(lc)):  # open at the end of the trace
+        if not (self.filter.empty or self.filter.match(lc)):
+            return
+        if lc.end is None:  # open at the end of the trace
             self.out.write(f"{lc.last_ts:10.3f} {describe(lc)}\n")
+        elif lc.tw_end_how is not None and lc.tw is not None:
+            # the rest of a socket that went on in a timewait socket, printed as that one ends
+            phases = [iv for iv in lc.intervals() if iv.state in (FIN_WAIT2, TIME_WAIT) and iv.leave != lc.end]
+            when = lc.tw_end if lc.tw_end is not None else lc.last_ts
+            self.out.write(f"{when:10.3f} {lc.role or '?':8} {endpoint(lc.laddr, lc.lport)} -> "
+                           f"{endpoint(lc.raddr, lc.rport)} timewait {lc.tw_end_how} | {timeline(phases)}\n")
 
     def tick(self, now: float) -> None:
         self.out.flush()

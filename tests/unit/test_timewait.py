@@ -288,3 +288,26 @@ def test_held_timewait_lifecycles_are_bounded():
     assert len(engine.timewait) == 2 and engine.evicted == 2
     assert [lc.tw_end_how for lc in final] == ["untracked", "untracked"]
     assert final[0].intervals()[-1].leave is None
+
+
+def test_trace_prints_the_close_then_the_timewait_end():
+    import io
+
+    from tcptrace_bpf.text import TextSink
+
+    events = orphan_close() + [tw(2.52, TIMER_CANCEL, TIME_WAIT, 60 * HZ - 125),
+                               tw(2.52, TIMER_START, TIME_WAIT, 60 * HZ),
+                               tw(62.53, TIMER_CANCEL, TIME_WAIT, -2), tw(62.53, TIMER_EXPIRE, TIME_WAIT, -2)]
+    out = io.StringIO()
+    sink = TextSink(out)
+    engine = Engine(timers=True, hz=HZ)
+    for ev in events:
+        engine.feed(ev)
+        for lc in engine.advance(ev.ts):
+            sink.finished(lc)
+        for lc in engine.closed():
+            sink.closed(lc)
+    first, second = out.getvalue().splitlines()
+    assert first.endswith("FIN_WAIT1 20.0ms > FIN_WAIT2 open") and first.lstrip().startswith("2.020")
+    assert second.split() == ["62.530", "client", "10.0.0.1:40000", "->", "10.0.0.2:80", "timewait", "expired", "|",
+                              "FIN_WAIT2", "500.0ms", ">", "TIME_WAIT", "60.01s"]
