@@ -18,17 +18,14 @@ from tcptrace_bpf.events import (
     RETRANSMIT,
     STATE,
     STATE_NUMBERS,
-    TIMER_CANCEL,
-    TIMER_EXPIRE,
-    TIMER_START,
     TIMEWAIT,
     Event,
     errno_number,
 )
-from tcptrace_bpf.recording import read_records
+from tcptrace_bpf.recording import TIMER_EVENTS, read_records
 
 _BATCH = 20000
-_TIMER_EVENTS = {"start": TIMER_START, "cancel": TIMER_CANCEL, "expire": TIMER_EXPIRE}
+_TIMER_EVENTS = {name: number for number, name in TIMER_EVENTS.items()}
 
 
 def _sock(text: Optional[str]) -> int:

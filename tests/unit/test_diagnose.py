@@ -41,15 +41,6 @@ def titles(diags):
     return [d.title for d in diags]
 
 
-def close_wait_sockets(n, t0=0.0, pid=300, comm="app"):
-    out = []
-    for i in range(n):
-        sk = 0x5000 + i
-        out += [st(t0, sk, CLOSE, 10, lport=80, pid=pid, comm=comm),  # a listener per socket keeps it simple
-                st(t0 + 0.1, sk, ESTABLISHED, CLOSE_WAIT, lport=80, rport=1000 + i)]
-    return out
-
-
 def test_close_wait_pile_names_the_process_and_oldest():
     diag = Diagnoser()
     events = []
