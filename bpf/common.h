@@ -34,6 +34,37 @@ BPF_PERCPU_ARRAY(scratch, struct tt_event, 1);
 BPF_TABLE("lru_hash", __u64, __u32, owners, 65536);
 #endif
 
+#define TT_RD(dst, addr) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(addr))
+
+#ifdef TT_OFF_SKC_FAMILY
+/* The 4-tuple of a socket, read at BTF offsets (raw tracepoints give only the pointer).  Local port: from
+ * inet_sock.inet_sport for a full socket (skc_num is already 0 at ->CLOSE, and that is what the classic
+ * tracepoint reads too), from skc_num for a timewait socket, which has no inet_sock. */
+static __always_inline void tt_tuple(struct tt_event *e, __u64 base, int full)
+{
+    __u16 family = 0, dport = 0, sport = 0;
+    TT_RD(family, base + TT_OFF_SKC_FAMILY);
+    TT_RD(dport, base + TT_OFF_SKC_DPORT);
+    e->dport = (dport >> 8) | ((dport & 0xff) << 8);
+#ifdef TT_OFF_INET_SPORT
+    if (full) {
+        TT_RD(sport, base + TT_OFF_INET_SPORT);
+        e->sport = (sport >> 8) | ((sport & 0xff) << 8);
+    } else
+#endif
+        TT_RD(e->sport, base + TT_OFF_SKC_NUM);
+    e->family = family;
+    if (family == TT_AF_INET) {
+        e->saddr[10] = e->saddr[11] = e->daddr[10] = e->daddr[11] = 0xff;
+        bpf_probe_read_kernel(e->saddr + 12, 4, (void *)(base + TT_OFF_SKC_RCV_SADDR));
+        bpf_probe_read_kernel(e->daddr + 12, 4, (void *)(base + TT_OFF_SKC_DADDR));
+    } else {
+        bpf_probe_read_kernel(e->saddr, 16, (void *)(base + TT_OFF_SKC_V6_RCV_SADDR));
+        bpf_probe_read_kernel(e->daddr, 16, (void *)(base + TT_OFF_SKC_V6_DADDR));
+    }
+}
+#endif
+
 static __always_inline struct tt_event *tt_reserve(void)
 {
     struct tt_event *e;

@@ -25,6 +25,25 @@ static __always_inline int tt_note_owner(void *ctx, __u64 sk, __u16 family, __u1
     return 0;
 }
 
+#ifdef TT_RAW
+static __always_inline int tt_note_owner_raw(void *ctx, __u64 sk)
+{
+    __u16 family = 0, protocol = 0;
+    TT_RD(family, sk + TT_OFF_SKC_FAMILY);
+    TT_RD(protocol, sk + TT_OFF_SK_PROTOCOL);
+    return tt_note_owner(ctx, sk, family, protocol);
+}
+
+RAW_TRACEPOINT_PROBE(sock_send_length)  /* (sk, ret, flags) */
+{
+    return tt_note_owner_raw(ctx, ctx->args[0]);
+}
+
+RAW_TRACEPOINT_PROBE(sock_recv_length)
+{
+    return tt_note_owner_raw(ctx, ctx->args[0]);
+}
+#else
 TRACEPOINT_PROBE(sock, sock_send_length)
 {
     return tt_note_owner(args, (__u64)args->sk, args->family, args->protocol);
@@ -34,3 +53,4 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
 {
     return tt_note_owner(args, (__u64)args->sk, args->family, args->protocol);
 }
+#endif

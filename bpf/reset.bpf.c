@@ -57,6 +57,20 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
     return 0;
 }
 
+#ifdef TT_RAW
+RAW_TRACEPOINT_PROBE(tcp_receive_reset)  /* (sk) */
+{
+    __u64 sk = ctx->args[0];
+    struct tt_event *e = tt_reserve();
+    if (!e)
+        return 0;
+    e->kind = TT_RESET_RECV;
+    e->skaddr = sk;
+    tt_tuple(e, sk, 1);
+    tt_submit(ctx, e);
+    return 0;
+}
+#else
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
     struct tt_event *e = tt_reserve();
@@ -74,3 +88,4 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
     tt_submit(args, e);
     return 0;
 }
+#endif

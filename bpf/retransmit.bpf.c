@@ -18,6 +18,24 @@ int kprobe__tcp_retransmit_skb(struct pt_regs *ctx)
     tt_submit(ctx, e);
     return 0;
 }
+#elif defined(TT_RAW)
+RAW_TRACEPOINT_PROBE(tcp_retransmit_skb)  /* (sk, skb[, err]) */
+{
+#ifdef TT_RETRANSMIT_HAS_ERR
+    if ((int)ctx->args[2] != 0)
+        return 0;
+#endif
+    __u64 sk = ctx->args[0];
+    struct tt_event *e = tt_reserve();
+    if (!e)
+        return 0;
+    e->kind = TT_RETRANSMIT;
+    e->skaddr = sk;
+    TT_RD(e->oldstate, sk + TT_OFF_SKC_STATE);
+    tt_tuple(e, sk, 1);
+    tt_submit(ctx, e);
+    return 0;
+}
 #else
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {

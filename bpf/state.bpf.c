@@ -6,6 +6,38 @@
  */
 #include "common.h"
 
+#ifdef TT_RAW
+/* Raw tracepoint (sk, oldstate, newstate), fields at BTF offsets: raw tracepoint programs are not skipped by
+ * the per-CPU guard that makes a classic tracepoint program miss a softirq arriving while another of our
+ * programs runs on that CPU. */
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+    __u64 sk = ctx->args[0];
+    __u16 protocol = 0;
+    TT_RD(protocol, sk + TT_OFF_SK_PROTOCOL);
+    if (protocol != TT_IPPROTO_TCP)
+        return 0;
+    int newstate = (int)ctx->args[2];
+#ifdef TT_OWNER_TRACKING
+    if (newstate == TT_TCP_CLOSE)
+        owners.delete(&sk);
+#endif
+    struct tt_event *e = tt_reserve();
+    if (!e)
+        return 0;
+    e->kind = TT_STATE;
+    e->skaddr = sk;
+    e->oldstate = (int)ctx->args[1];
+    e->newstate = newstate;
+    tt_tuple(e, sk, 1);
+#if TT_SK_ERR_OFFSET >= 0
+    if (newstate == TT_TCP_CLOSE)
+        bpf_probe_read_kernel(&e->err, sizeof(e->err), (void *)(sk + TT_SK_ERR_OFFSET));
+#endif
+    tt_submit(ctx, e);
+    return 0;
+}
+#else
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != TT_IPPROTO_TCP)
@@ -35,3 +67,4 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     tt_submit(args, e);
     return 0;
 }
+#endif

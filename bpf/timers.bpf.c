@@ -13,29 +13,9 @@
  */
 #include "common.h"
 
-#define TT_RD(dst, addr) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(addr))
-
 enum tt_timer_sub { TT_TIMER_START = 1, TT_TIMER_CANCEL = 2, TT_TIMER_EXPIRE = 3, TT_KA_PROBE = 4 };
 
 BPF_PERCPU_ARRAY(ka_entry, __u64, 2);  /* [0] socket in the keepalive handler, [1] its probes_out at entry */
-
-static __always_inline void tt_tuple(struct tt_event *e, __u64 base)
-{
-    __u16 family = 0, dport = 0;
-    TT_RD(family, base + TT_OFF_SKC_FAMILY);
-    TT_RD(e->sport, base + TT_OFF_SKC_NUM);
-    TT_RD(dport, base + TT_OFF_SKC_DPORT);
-    e->dport = (dport >> 8) | ((dport & 0xff) << 8);
-    e->family = family;
-    if (family == TT_AF_INET) {
-        e->saddr[10] = e->saddr[11] = e->daddr[10] = e->daddr[11] = 0xff;
-        bpf_probe_read_kernel(e->saddr + 12, 4, (void *)(base + TT_OFF_SKC_RCV_SADDR));
-        bpf_probe_read_kernel(e->daddr + 12, 4, (void *)(base + TT_OFF_SKC_DADDR));
-    } else {
-        bpf_probe_read_kernel(e->saddr, 16, (void *)(base + TT_OFF_SKC_V6_RCV_SADDR));
-        bpf_probe_read_kernel(e->daddr, 16, (void *)(base + TT_OFF_SKC_V6_DADDR));
-    }
-}
 
 static __always_inline int tt_timewait(void *ctx, __u64 timer, __u8 sub)
 {
@@ -53,7 +33,7 @@ static __always_inline int tt_timewait(void *ctx, __u64 timer, __u8 sub)
     TT_RD(e->oldstate, tw + TT_OFF_TW_SUBSTATE);
     TT_RD(expires, timer + TT_OFF_TIMER_EXPIRES);
     e->err = (__s32)(expires - bpf_jiffies64());
-    tt_tuple(e, tw);
+    tt_tuple(e, tw, 0);
     tt_submit(ctx, e);
     return 0;
 }
@@ -105,7 +85,7 @@ RAW_TRACEPOINT_PROBE(timer_expire_exit)
     e->newstate = TT_KA_PROBE;
     e->skaddr = sk;
     e->oldstate = probes;  /* probes sent and not yet answered, this one included */
-    tt_tuple(e, sk);
+    tt_tuple(e, sk, 1);
     tt_submit(ctx, e);
     return 0;
 }

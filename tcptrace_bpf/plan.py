@@ -20,14 +20,12 @@ TP_SEND_LENGTH = "sock/sock_send_length"
 TP_RECV_LENGTH = "sock/sock_recv_length"
 TRACEPOINTS = (TP_STATE, TP_RETRANSMIT, TP_SEND_RESET, TP_RECEIVE_RESET, TP_SEND_LENGTH, TP_RECV_LENGTH)
 
-# Struct fields timers.bpf.c reads, by BTF: define -> (struct, member path).
-TIMER_FIELDS = {
-    "TT_OFF_TIMER_FUNCTION": ("timer_list", "function"),
-    "TT_OFF_TIMER_EXPIRES": ("timer_list", "expires"),
-    "TT_OFF_TW_TIMER": ("inet_timewait_sock", "tw_timer"),
-    "TT_OFF_TW_SUBSTATE": ("inet_timewait_sock", "tw_substate"),
-    "TT_OFF_SK_TIMER": ("sock", "sk_timer"),
-    "TT_OFF_ICSK_PROBES_OUT": ("inet_connection_sock", "icsk_probes_out"),
+# Struct fields the raw tracepoint programs read, by BTF: define -> (struct, member path).  SOCK_FIELDS serve
+# every raw program (a raw tracepoint gives only the socket pointer); TIMER_FIELDS the timer programs.
+SOCK_FIELDS = {
+    "TT_OFF_SK_PROTOCOL": ("sock", "sk_protocol"),  # a bitfield before 5.6: no BTF offset, classic tracepoints
+    "TT_OFF_INET_SPORT": ("inet_sock", "inet_sport"),
+    "TT_OFF_SKC_STATE": ("sock_common", "skc_state"),
     "TT_OFF_SKC_FAMILY": ("sock_common", "skc_family"),
     "TT_OFF_SKC_NUM": ("sock_common", "skc_num"),
     "TT_OFF_SKC_DPORT": ("sock_common", "skc_dport"),
@@ -35,6 +33,14 @@ TIMER_FIELDS = {
     "TT_OFF_SKC_DADDR": ("sock_common", "skc_daddr"),
     "TT_OFF_SKC_V6_RCV_SADDR": ("sock_common", "skc_v6_rcv_saddr"),
     "TT_OFF_SKC_V6_DADDR": ("sock_common", "skc_v6_daddr"),
+}
+TIMER_FIELDS = {
+    "TT_OFF_TIMER_FUNCTION": ("timer_list", "function"),
+    "TT_OFF_TIMER_EXPIRES": ("timer_list", "expires"),
+    "TT_OFF_TW_TIMER": ("inet_timewait_sock", "tw_timer"),
+    "TT_OFF_TW_SUBSTATE": ("inet_timewait_sock", "tw_substate"),
+    "TT_OFF_SK_TIMER": ("sock", "sk_timer"),
+    "TT_OFF_ICSK_PROBES_OUT": ("inet_connection_sock", "icsk_probes_out"),
 }
 TIMER_FUNCTIONS = {"TT_TW_HANDLER": "tw_timer_handler", "TT_KA_HANDLER": "tcp_keepalive_timer"}
 
@@ -55,7 +61,7 @@ class KernelFacts:
     sk_err_offset: Optional[int] = None
     rst_reasons: dict[int, str] = field(default_factory=dict)
     kprobes: bool = False
-    timer_offsets: dict[str, int] = field(default_factory=dict)  # TIMER_FIELDS define -> offset (BTF)
+    offsets: dict[str, int] = field(default_factory=dict)  # SOCK_FIELDS and TIMER_FIELDS define -> offset (BTF)
     timer_functions: dict[str, int] = field(default_factory=dict)  # TIMER_FUNCTIONS define -> address
     timer_error: Optional[str] = None  # why the timer path is unavailable
     hz: Optional[int] = None
@@ -78,6 +84,7 @@ class Plan:
     problems: list[Problem]
     ringbuf: bool
     timers: bool = False  # timewait and keepalive traced exactly (timers.bpf.c)
+    raw: bool = False  # raw tracepoints, fields at BTF offsets
     hz: Optional[int] = None
 
     @property
@@ -122,9 +129,14 @@ def make_plan(facts: KernelFacts) -> Plan:
     else:
         hooks["delivery"] = "perf buffer; lost = lost-sample callback + runs the kernel skipped (recursion_misses)"
 
+    raw = facts.version >= (4, 17) and all(name in facts.offsets for name in SOCK_FIELDS)
+    kind = "raw tracepoint" if raw else "tracepoint"
+    if raw:
+        defines["TT_RAW"] = 1
+        defines.update({name: facts.offsets[name] for name in SOCK_FIELDS})
     if TP_STATE in tps:
         sources.append("state.bpf.c")
-        hooks["state"] = "tracepoint sock:inet_sock_set_state"
+        hooks["state"] = f"{kind} sock:inet_sock_set_state"
     else:
         problems.append(Problem("tracepoint sock:inet_sock_set_state is missing (kernel older than 4.16?)",
                                 "tcptrace-bpf needs Linux 4.16 or newer", True))
@@ -144,7 +156,7 @@ def make_plan(facts: KernelFacts) -> Plan:
         for name in ("err", "state", "family"):
             if name in fields:
                 defines[f"TT_RETRANSMIT_HAS_{name.upper()}"] = 1
-        hooks["retransmit"] = "tracepoint tcp:tcp_retransmit_skb" + (" (err == 0 only)" if "err" in fields else "")
+        hooks["retransmit"] = f"{kind} tcp:tcp_retransmit_skb" + (" (err == 0 only)" if "err" in fields else "")
     elif facts.kprobes:
         sources.append("retransmit.bpf.c")
         defines["TT_RETRANSMIT_KPROBE"] = 1
@@ -171,7 +183,7 @@ def make_plan(facts: KernelFacts) -> Plan:
         if "family" in tps[TP_RECEIVE_RESET]:
             defines["TT_RECEIVE_RESET_HAS_FAMILY"] = 1
         hooks["reset_sent"] = "tracepoint tcp:tcp_send_reset"
-        hooks["reset_received"] = "tracepoint tcp:tcp_receive_reset"
+        hooks["reset_received"] = f"{kind} tcp:tcp_receive_reset"
     else:
         hooks["reset_sent"] = hooks["reset_received"] = "unavailable"
         problems.append(Problem("tcp:tcp_send_reset/tcp_receive_reset missing", "resets will not be seen", False))
@@ -179,16 +191,16 @@ def make_plan(facts: KernelFacts) -> Plan:
     if TP_SEND_LENGTH in tps and TP_RECV_LENGTH in tps:
         sources.append("owner.bpf.c")
         defines["TT_OWNER_TRACKING"] = 1
-        hooks["owner"] = ("connect/listen/close transitions, and tracepoint sock:sock_send_length/sock_recv_length "
+        hooks["owner"] = (f"connect/listen/close transitions, and {kind} sock:sock_send_length/sock_recv_length "
                           "(first I/O per task)")
     else:
         hooks["owner"] = "connect/listen/close transitions; accepted sockets take their listener's owner"
 
-    timers = (facts.version >= (4, 17) and len(facts.timer_offsets) == len(TIMER_FIELDS)
+    timers = (raw and all(name in facts.offsets for name in TIMER_FIELDS)
               and len(facts.timer_functions) == len(TIMER_FUNCTIONS) and bool(facts.hz))
     if timers:
         sources.append("timers.bpf.c")
-        defines.update(facts.timer_offsets)
+        defines.update({name: facts.offsets[name] for name in TIMER_FIELDS})
         defines.update(facts.timer_functions)
         hooks["time_wait"] = ("exact: raw tracepoints timer:timer_start/timer_cancel/timer_expire_entry on "
                               "tw_timer_handler (creation, FIN_WAIT2 -> TIME_WAIT, expiry, early kill)")
@@ -196,9 +208,9 @@ def make_plan(facts: KernelFacts) -> Plan:
         hooks["keepalive"] = ("exact: raw tracepoints timer:timer_expire_entry/exit on tcp_keepalive_timer "
                               "(icsk_probes_out before and after)")
     else:
-        why = facts.timer_error or "no raw tracepoints"
+        why = facts.timer_error or ("no raw tracepoints with BTF offsets" if not raw else "timer hooks unavailable")
         hooks["time_wait"] = f"inferred: FIN_WAIT2/CLOSING -> CLOSE with no reset and no error ({why})"
         hooks["keepalive"] = f"not traced ({why})"
         problems.append(Problem(f"timewait and keepalive cannot be traced exactly: {why}",
                                 "TIME_WAIT entry is inferred; keepalive probes are not counted", False))
-    return Plan(hooks, sources, defines, problems, ringbuf, timers, facts.hz)
+    return Plan(hooks, sources, defines, problems, ringbuf, timers=timers, raw=raw, hz=facts.hz)

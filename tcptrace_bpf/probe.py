@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from tcptrace_bpf.btf import BTF, BTFError
-from tcptrace_bpf.plan import TIMER_FIELDS, TIMER_FUNCTIONS, TRACEPOINTS, KernelFacts
+from tcptrace_bpf.plan import SOCK_FIELDS, TIMER_FIELDS, TIMER_FUNCTIONS, TRACEPOINTS, KernelFacts
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 _FIELD = re.compile(r"field:(.+?)\s+(\w+)(\[\d+\])?;\s+offset:")
@@ -127,8 +127,11 @@ def probe_kernel(check_bcc: bool = True) -> KernelFacts:
         prefix = "SK_RST_REASON_"
         facts.rst_reasons = {v: k[len(prefix):] if k.startswith(prefix) else k
                              for k, v in btf.enum("sk_rst_reason").items()}
-        for define, (struct_name, path) in TIMER_FIELDS.items():
-            facts.timer_offsets[define] = btf.offset(struct_name, path)
+        for define, (struct_name, path) in {**SOCK_FIELDS, **TIMER_FIELDS}.items():
+            try:
+                facts.offsets[define] = btf.offset(struct_name, path)
+            except BTFError as exc:  # e.g. sk_protocol was a bitfield before 5.6: that hook falls back
+                facts.timer_error = facts.timer_error or f"BTF: {exc}"
     except BTFError as exc:
         facts.btf = facts.sk_err_offset is not None
         facts.btf_error = str(exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from tcptrace_bpf.plan import (
+    SOCK_FIELDS,
     TIMER_FIELDS,
     TP_RECEIVE_RESET,
     TP_RECV_LENGTH,
@@ -33,7 +34,7 @@ def kernel_6_18(**changes):
             TP_RECV_LENGTH: ("sk", "family", "protocol", "ret", "flags"),
         },
         field_types={TP_SEND_RESET: {"reason": "enum sk_rst_reason"}},
-        timer_offsets={define: 8 * i for i, define in enumerate(TIMER_FIELDS)},
+        offsets={define: 8 * i for i, define in enumerate({**SOCK_FIELDS, **TIMER_FIELDS})},
         timer_functions={"TT_TW_HANDLER": 0xFFFFFFFF82003430, "TT_KA_HANDLER": 0xFFFFFFFF820289B0}, hz=250,
     )
     for key, value in changes.items():
@@ -125,3 +126,11 @@ def test_no_timer_path_falls_back_to_inference():
     plan = make_plan(kernel_6_18(timer_functions={}, timer_error="timer handler addresses not readable"))
     assert not plan.timers and "timers.bpf.c" not in plan.sources and not plan.fatal
     assert plan.hooks["time_wait"].startswith("inferred") and "not readable" in plan.hooks["keepalive"]
+
+
+def test_raw_tracepoints_where_btf_gives_the_socket_fields():
+    plan = make_plan(kernel_6_18())
+    assert plan.raw and plan.defines["TT_RAW"] == 1 and plan.hooks["state"] == "raw tracepoint sock:inet_sock_set_state"
+    old = kernel_6_18(offsets={})  # e.g. sk_protocol a bitfield (before 5.6): classic tracepoints, no timers
+    plan = make_plan(old)
+    assert not plan.raw and not plan.timers and plan.hooks["state"] == "tracepoint sock:inet_sock_set_state"
