@@ -54,7 +54,7 @@ from tcptrace_bpf.events import (
 GRACE = 0.25
 CLOSE_KINDS = ("active", "passive", "simultaneous", "reset", "refused", "timeout", "open", "unknown")
 TIME_WAIT_ENDS = ("expired", "fin_wait2_timeout", "reset", "reused", "killed", "overflow", "unknown", "untracked")
-MAX_TIMEWAIT = 65536  # lifecycles held while their timewait socket lives (~1 KiB each); beyond: written early
+MAX_TIMEWAIT = 32768  # lifecycles held while their timewait socket lives (~1 KiB each); beyond: written early
 
 # Transitions that only ever run in the owning task's own system call: (old, new) -> pid source.
 _OWNER_TRANSITIONS = {
@@ -376,6 +376,9 @@ class Engine:
             if owner is not None:
                 lc.set_owner(owner[0], owner[1], "inode")
             if snap.timewait:
+                if len(self.timewait) >= self.max_timewait:  # memory stays bounded: not followed, counted
+                    self.evicted += 1
+                    continue
                 self.timewait[sock] = lc
                 self._tw_tuple[key] = lc
                 continue

@@ -311,3 +311,10 @@ def test_trace_prints_the_close_then_the_timewait_end():
     assert first.endswith("FIN_WAIT1 20.0ms > FIN_WAIT2 open") and first.lstrip().startswith("2.020")
     assert second.split() == ["62.530", "client", "10.0.0.1:40000", "->", "10.0.0.2:80", "timewait", "expired", "|",
                               "FIN_WAIT2", "500.0ms", ">", "TIME_WAIT", "60.01s"]
+
+
+def test_snapshot_adoption_is_bounded_too():
+    engine = Engine(timers=True, hz=HZ, max_timewait=3)
+    snaps = [(Snap(TIME_WAIT, lport=41000 + i, timer=3, expires_ms=30000, inode=0), None) for i in range(5)]
+    assert engine.adopt(snaps, now=1.0) == 5
+    assert len(engine.timewait) == 3 and engine.evicted == 2
