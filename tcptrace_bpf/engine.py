@@ -668,9 +668,9 @@ class Engine:
         """The close is final: tell the views; the lifecycle is final too unless a timewait socket goes on.
         A timewait socket that should have started and did not is an overflow (tcp_max_tw_buckets)."""
         self._closed.append(lc)
-        if final_check and self._tw_waiting.get(self._key(lc)) is lc:
+        if self._tw_waiting.get(self._key(lc)) is lc:
             del self._tw_waiting[self._key(lc)]
-            if lc.timewait is False and self.timers and self._tw_expected(lc):
+            if final_check and lc.timewait is False and self.timers and self._tw_expected(lc):
                 lc.tw_end_how = "overflow" if not self.lost else "unknown"
         if lc.tw is None or lc.tw_end_how is not None:
             self._done.append(lc)

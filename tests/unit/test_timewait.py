@@ -318,3 +318,11 @@ def test_snapshot_adoption_is_bounded_too():
     snaps = [(Snap(TIME_WAIT, lport=41000 + i, timer=3, expires_ms=30000, inode=0), None) for i in range(5)]
     assert engine.adopt(snaps, now=1.0) == 5
     assert len(engine.timewait) == 3 and engine.evicted == 2
+
+
+def test_no_waiting_entry_left_when_the_address_is_reused_at_once():
+    """A close whose timewait start was lost, then the address reborn within the grace period: nothing leaks."""
+    events = orphan_close()[:4] + [st(2.02002, CLIENT_SK, FIN_WAIT2, CLOSE),
+                                   st(2.03, CLIENT_SK, CLOSE, SYN_SENT, pid=1, comm="a", lport=0)]
+    engine, _closed, _final = run(events, until=2.04)
+    assert engine._tw_waiting == {}
