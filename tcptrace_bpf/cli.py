@@ -6,7 +6,7 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
 import click
 from rich.console import Console
@@ -73,6 +73,14 @@ def cli(ctx: click.Context) -> None:
     """
     if ctx.invoked_subcommand is None:
         ctx.invoke(live if sys.stdout.isatty() else trace)
+
+
+def _open_output(path: str) -> IO[str]:
+    """A recording's file ('-': stdout), or one clear line saying why it cannot be written."""
+    try:
+        return sys.stdout if path == "-" else open(path, "w", buffering=1 << 16)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {path}: {exc.strerror}") from None
 
 
 def _kernel_plan() -> Any:
@@ -146,10 +154,7 @@ def live(flt: Filter, record_to: Optional[str], replay: Optional[str], speed: fl
             engine = engine_for(plan)
         extra: list[Any] = []
         if record_to:
-            try:
-                out = sys.stdout if record_to == "-" else open(record_to, "w", buffering=1 << 16)
-            except OSError as exc:
-                raise click.ClickException(f"cannot write {record_to}: {exc.strerror}") from None
+            out = _open_output(record_to)
             opened.append(out)
             extra.append(Recorder(out, flt, reasons))
         app = LiveApp(source, flt, hooks, extra, engine=engine)
@@ -195,10 +200,7 @@ def record(output: str, flt: Filter, duration: Optional[float]) -> None:
 
     def sinks(reasons: dict[int, str]) -> list[Any]:
         # Opened only once the plan says tracing can work, so a refusal leaves no empty file behind.
-        try:
-            out = sys.stdout if output == "-" else open(output, "w", buffering=1 << 16)
-        except OSError as exc:
-            raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
+        out = _open_output(output)
         opened.append(out)
         return [Recorder(out, flt, reasons)]
 

@@ -152,9 +152,11 @@ class Lifecycle:
     @property
     def timewait(self) -> bool:
         """The socket was handed to a timewait socket: seen (timer hooks) or inferred from its ->CLOSE."""
-        if self.tw is not None:
-            return True
-        if self.tw_traced or self.end is None or not self.transitions:
+        return self.tw is not None or (not self.tw_traced and self.closes_into_timewait())
+
+    def closes_into_timewait(self) -> bool:
+        """The ->CLOSE is the handoff to a timewait socket: FIN_WAIT2/CLOSING -> CLOSE, no reset, no error."""
+        if self.end is None or not self.transitions:
             return False
         _ts, old, new = self.transitions[-1]
         return new == CLOSE and old in (FIN_WAIT2, CLOSING) and not self.sync_reset and self.error == 0
@@ -179,9 +181,14 @@ class Lifecycle:
             return self._intervals_preexisting()
         if self.tw is not None:
             return self._intervals_exact_tw()
+        return self._socket_intervals(self.timewait)
+
+    def _socket_intervals(self, inferred_tw: bool) -> list[Interval]:
+        """The full socket's states from its transitions; inferred_tw: its close was the handoff to a timewait
+        socket not followed by the timer hooks (FIN_WAIT2 then a lower bound, TIME_WAIT entered, no end)."""
         out: list[Interval] = []
         cur: Optional[tuple[int, Optional[float], str]] = None
-        tw = self.timewait
+        tw = inferred_tw
         for i, (ts, old, new) in enumerate(self.transitions):
             if i == 0 and self.start is not None:
                 cur = (new, ts, "exact")
@@ -219,12 +226,7 @@ class Lifecycle:
     def _intervals_exact_tw(self) -> list[Interval]:
         """The full socket's states, then the timewait socket's: FIN_WAIT2 runs on inside it until the peer's
         FIN (fw2_end) or its timeout, then TIME_WAIT until expiry or an early end."""
-        full = Lifecycle.__new__(Lifecycle)
-        for name in Lifecycle.__slots__:
-            setattr(full, name, getattr(self, name))
-        full.tw = None
-        full.tw_traced = True
-        out = full.intervals()
+        out = self._socket_intervals(False)
         if out and out[-1].state == FIN_WAIT2 and self.tw_created is not None:
             # the full socket's FIN_WAIT2 went on in the timewait socket (orphan, or close() in FIN_WAIT2)
             last = out.pop()
@@ -670,15 +672,10 @@ class Engine:
         self._closed.append(lc)
         if self._tw_waiting.get(self._key(lc)) is lc:
             del self._tw_waiting[self._key(lc)]
-            if final_check and lc.timewait is False and self.timers and self._tw_expected(lc):
+            if final_check and lc.tw is None and self.timers and lc.closes_into_timewait():
                 lc.tw_end_how = "overflow" if not self.lost else "unknown"
         if lc.tw is None or lc.tw_end_how is not None:
             self._done.append(lc)
-
-    @staticmethod
-    def _tw_expected(lc: Lifecycle) -> bool:
-        _ts, old, new = lc.transitions[-1]
-        return new == CLOSE and old in (FIN_WAIT2, CLOSING) and not lc.sync_reset and lc.error == 0
 
     def closed(self) -> list[Lifecycle]:
         """Lifecycles whose close became final since the last call (a view may show them before a timewait
