@@ -108,4 +108,28 @@ static __always_inline void tt_submit(void *ctx, struct tt_event *e)
 #endif
 }
 
+#ifdef TT_OFF_TW_TIMER
+/* One TT_TIMEWAIT event for the timewait socket `tw`: its 4-tuple, substate and the jiffies left on its
+ * timer (`left`, or read from the timer when negative).  Shared by both ways of seeing the timer. */
+static __always_inline int tt_timewait_event(void *ctx, __u64 tw, __u8 phase, __s64 left)
+{
+    struct tt_event *e = tt_reserve();
+    if (!e)
+        return 0;
+    e->kind = TT_TIMEWAIT;
+    e->newstate = phase;
+    e->skaddr = tw;
+    TT_RD(e->oldstate, tw + TT_OFF_TW_SUBSTATE);
+    if (left < 0) {
+        __u64 expires = 0;
+        TT_RD(expires, tw + TT_OFF_TW_TIMER + TT_OFF_TIMER_EXPIRES);
+        left = (__s64)(expires - bpf_jiffies64());
+    }
+    e->err = (__s32)left;
+    tt_tuple(e, tw, 0);
+    tt_submit(ctx, e);
+    return 0;
+}
+#endif
+
 #endif

@@ -14,10 +14,17 @@ enum tt_kind {
     TT_RESET_SENT = 3,   /* tcp:tcp_send_reset; skaddr may be 0 (no socket); err = reset reason or -1 */
     TT_RESET_RECV = 4,   /* tcp:tcp_receive_reset */
     TT_OWNER = 5,        /* sock:sock_{send,recv}_length: a task doing I/O on the socket, so its owner */
-    TT_TIMEWAIT = 6,     /* timer raw tracepoints on a timewait socket: skaddr = the inet_timewait_sock,
-                            newstate = 1 start / 2 cancel / 3 expire, oldstate = tw_substate,
+    TT_TIMEWAIT = 6,     /* a timewait socket's timer (timers.bpf.c or phases.bpf.c): skaddr = the
+                            inet_timewait_sock, newstate = enum tt_phase, oldstate = tw_substate,
                             err = jiffies left on its timer */
-    TT_KEEPALIVE = 7,    /* a keepalive probe went out: newstate = 4, oldstate = probes unanswered */
+    TT_KEEPALIVE = 7,    /* a keepalive probe went out: newstate = TT_KA_PROBE, oldstate = probes unanswered */
+};
+
+enum tt_phase {
+    TT_TIMER_START = 1,  /* armed: the timewait socket was created, or re-armed (FIN_WAIT2 -> TIME_WAIT) */
+    TT_TIMER_CANCEL = 2, /* stopped before it ran: killed early, unless a start follows (a re-arm) */
+    TT_TIMER_EXPIRE = 3, /* ran: the timewait socket's natural end */
+    TT_KA_PROBE = 4,
 };
 
 struct tt_event {

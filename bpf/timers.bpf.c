@@ -13,29 +13,15 @@
  */
 #include "common.h"
 
-enum tt_timer_sub { TT_TIMER_START = 1, TT_TIMER_CANCEL = 2, TT_TIMER_EXPIRE = 3, TT_KA_PROBE = 4 };
-
 BPF_PERCPU_ARRAY(ka_entry, __u64, 2);  /* [0] socket in the keepalive handler, [1] its probes_out at entry */
 
-static __always_inline int tt_timewait(void *ctx, __u64 timer, __u8 sub)
+static __always_inline int tt_timewait(void *ctx, __u64 timer, __u8 phase)
 {
-    __u64 function = 0, expires = 0;
+    __u64 function = 0;
     TT_RD(function, timer + TT_OFF_TIMER_FUNCTION);
     if (function != TT_TW_HANDLER)
         return 0;
-    __u64 tw = timer - TT_OFF_TW_TIMER;
-    struct tt_event *e = tt_reserve();
-    if (!e)
-        return 0;
-    e->kind = TT_TIMEWAIT;
-    e->newstate = sub;
-    e->skaddr = tw;
-    TT_RD(e->oldstate, tw + TT_OFF_TW_SUBSTATE);
-    TT_RD(expires, timer + TT_OFF_TIMER_EXPIRES);
-    e->err = (__s32)(expires - bpf_jiffies64());
-    tt_tuple(e, tw, 0);
-    tt_submit(ctx, e);
-    return 0;
+    return tt_timewait_event(ctx, timer - TT_OFF_TW_TIMER, phase, -1);
 }
 
 RAW_TRACEPOINT_PROBE(timer_start)

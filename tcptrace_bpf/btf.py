@@ -15,7 +15,7 @@ VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
 _MAGIC = 0xEB9F
 _KIND_INT, _KIND_PTR, _KIND_ARRAY, _KIND_STRUCT, _KIND_UNION, _KIND_ENUM = 1, 2, 3, 4, 5, 6
-_KIND_TYPEDEF, _KIND_VOLATILE, _KIND_CONST, _KIND_RESTRICT = 8, 9, 10, 11
+_KIND_TYPEDEF, _KIND_VOLATILE, _KIND_CONST, _KIND_RESTRICT, _KIND_FUNC = 8, 9, 10, 11, 12
 _KIND_FUNC_PROTO, _KIND_VAR, _KIND_DATASEC, _KIND_DECL_TAG, _KIND_TYPE_TAG, _KIND_ENUM64 = 13, 14, 15, 17, 18, 19
 # Bytes that follow the 12-byte common header, per kind: fixed part and per-vlen part.
 _TRAILER = {
@@ -49,11 +49,17 @@ class BTF:
         unpack = struct.Struct("<III").unpack_from
         pos, end = self._types_start, self._types_start + type_len
         named = (_KIND_STRUCT, _KIND_UNION, _KIND_ENUM, _KIND_ENUM64)
+        self._functions: set[int] = set()  # name offsets of FUNC types (decoded only when asked)
+        self._enums: list[int] = []  # every enum, named or not (the MIB counters are an anonymous enum)
         while pos < end:
             name_off, info, size_or_type = unpack(blob, pos)
             kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
             fixed, per = _TRAILER.get(kind, (0, 0))
             self._types.append((kind, name_off, vlen, size_or_type, pos + 12))
+            if kind == _KIND_ENUM:
+                self._enums.append(len(self._types) - 1)
+            elif kind == _KIND_FUNC:
+                self._functions.add(name_off)
             if kind in named and name_off:
                 self._by_name.setdefault((kind, self._name(name_off)), len(self._types) - 1)
             pos += 12 + fixed + per * vlen
@@ -114,8 +120,26 @@ class BTF:
     def enum(self, enum_name: str) -> dict[str, int]:
         """Name -> value of every enumerator of `enum enum_name` (empty if the kernel has no such enum)."""
         type_id = self._by_name.get((_KIND_ENUM, enum_name))
-        if type_id is None:
-            return {}
+        return {} if type_id is None else self._enumerators(type_id)
+
+    def enumerator(self, name: str) -> int:
+        """The value of one enumerator, in whichever enum holds it (named or anonymous)."""
+        for type_id in self._enums:
+            values = self._enumerators(type_id)
+            if name in values:
+                return values[name]
+        raise BTFError(f"enumerator {name} not in BTF")
+
+    def has_function(self, name: str) -> bool:
+        """Whether the kernel describes this function in BTF (fentry can attach only to those)."""
+        needle, start = b"\0" + name.encode() + b"\0", 0
+        while (at := self._strings.find(needle, start)) >= 0:
+            if at + 1 in self._functions:
+                return True
+            start = at + 1
+        return False
+
+    def _enumerators(self, type_id: int) -> dict[str, int]:
         _kind, _name, vlen, _size, trailer = self._types[type_id]
         values = {}
         for i in range(vlen):

@@ -247,6 +247,19 @@ def doctor() -> None:
 
     facts = probe_kernel()
     plan = make_plan(facts)
-    render(facts, plan, Console(highlight=False, soft_wrap=True))
-    if plan.fatal:
+    loaded: Optional[str] = None
+    if not plan.fatal:
+        # Load for real: only the kernel can say whether it accepts a program (fentry may be refused).
+        from tcptrace_bpf.kernel import KernelSource, SourceError
+
+        source = KernelSource(plan)
+        try:
+            source.start()
+            plan, loaded = source.plan, "ok: every program loaded and attached"
+        except SourceError as exc:
+            loaded = f"FAILED: {exc.why}"
+        finally:
+            source.close()
+    render(facts, plan, Console(highlight=False, soft_wrap=True), loaded)
+    if plan.fatal or (loaded or "").startswith("FAILED"):
         sys.exit(1)

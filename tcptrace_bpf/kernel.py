@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -64,6 +66,44 @@ def recursion_misses(prog_fd: int) -> int:
 class SourceError(Exception):
     """The BPF programs could not be compiled, loaded or attached."""
 
+    def __init__(self, why: str) -> None:
+        super().__init__(f"loading the BPF programs failed: {why}")
+        self.why = why
+
+
+def _load(plan: Plan) -> Any:
+    """bcc's BPF object for the plan, every program attached (bcc attaches TRACEPOINT_PROBE, kprobe__ and
+    kfunc__ functions as it loads them).  On failure whatever was attached is detached again, and what bcc and
+    the verifier printed is kept for the error instead of reaching the terminal: a refused fallback is
+    expected, not news."""
+    from bcc import BPF  # imported late: heavy, and only the live kernel source needs it
+
+    bpf = BPF.__new__(BPF)
+    with tempfile.TemporaryFile() as log:
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            bpf.__init__(text=program_text(plan).encode(), cflags=plan.cflags())
+            return bpf
+        except Exception as exc:  # bcc raises bare Exception for compile, load and attach failures
+            try:
+                bpf.cleanup()
+            except Exception:  # a half-built object: nothing more to free
+                pass
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            why = lines[0] if lines else type(exc).__name__
+            if "super-user" in why and os.geteuid() == 0:  # bcc's words for any EPERM
+                why = "the kernel refused the program (EPERM) although we run as root"
+            raise SourceError(why) from exc
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if plan.fallback is None:  # the last try: what went wrong matters to the user
+                log.seek(0)
+                text = log.read().decode(errors="replace")
+                if "error" in text.lower() or "failed" in text.lower():
+                    os.write(2, text[-4000:].encode())
+
 
 class KernelSource:
     """Loads the programs and turns ring/perf buffer records into Events (ts relative to `epoch_ns`)."""
@@ -78,13 +118,16 @@ class KernelSource:
         self._misses_read = float("-inf")
 
     def start(self) -> None:
-        from bcc import BPF  # imported late: heavy, and only the live kernel source needs it
-
-        # TRACEPOINT_PROBE and kprobe__ functions are attached by bcc as the program loads.
-        try:
-            self._bpf = BPF(text=program_text(self.plan).encode(), cflags=self.plan.cflags())
-        except Exception as exc:  # bcc raises bare Exception for compile, load and attach failures
-            raise SourceError(f"loading the BPF programs failed: {str(exc).strip().splitlines()[0]}") from exc
+        """Compile, load and attach.  Where the kernel refuses the plan's phase hooks (fentry is refused on
+        some kernels that have trampolines), the plan's fallback is loaded instead and `self.plan` says so."""
+        while True:
+            try:
+                self._bpf = _load(self.plan)
+                break
+            except SourceError as exc:
+                if self.plan.fallback is None:
+                    raise
+                self.plan = self.plan.falling_back(exc.why)
         chunks = self._chunks
         size = wire.EVENT_SIZE
         table = self._bpf[b"events"]

@@ -43,6 +43,12 @@ TIMER_FIELDS = {
     "TT_OFF_ICSK_PROBES_OUT": ("inet_connection_sock", "icsk_probes_out"),
 }
 TIMER_FUNCTIONS = {"TT_TW_HANDLER": "tw_timer_handler", "TT_KA_HANDLER": "tcp_keepalive_timer"}
+# The function hooks (phases.bpf.c) need these fields, these kernel functions and one MIB number.
+PHASE_FIELDS = ("TT_OFF_TW_TIMER", "TT_OFF_TIMER_EXPIRES", "TT_OFF_TW_SUBSTATE", "TT_OFF_ICSK_PROBES_OUT")
+PHASE_FUNCTIONS = ("__inet_twsk_schedule", "inet_twsk_deschedule_put", "tw_timer_handler", "tcp_write_wakeup")
+MIB_KEEPALIVE = "LINUX_MIB_TCPKEEPALIVE"
+# How timewait and keepalive are hooked, best first: BPF trampolines, kprobes, the generic timer tracepoints.
+PHASE_MODES = ("fentry", "kprobe", "timer")
 
 
 @dataclass
@@ -64,6 +70,10 @@ class KernelFacts:
     offsets: dict[str, int] = field(default_factory=dict)  # SOCK_FIELDS and TIMER_FIELDS define -> offset (BTF)
     timer_functions: dict[str, int] = field(default_factory=dict)  # TIMER_FUNCTIONS define -> address
     timer_error: Optional[str] = None  # why the timer path is unavailable
+    functions: set[str] = field(default_factory=set)  # PHASE_FUNCTIONS that /proc/kallsyms lists
+    btf_functions: set[str] = field(default_factory=set)  # PHASE_FUNCTIONS that BTF describes (fentry needs it)
+    mib_keepalive: Optional[int] = None  # LINUX_MIB_TCPKEEPALIVE, from BTF
+    trampolines: bool = False  # the kernel has BPF trampolines (fentry), x86_64 with BTF
     hz: Optional[int] = None
     headers: Optional[str] = None  # release of the headers at /lib/modules/$(uname -r)/build
     headers_have_rst_reason: bool = False
@@ -83,9 +93,21 @@ class Plan:
     defines: dict[str, int]  # -D switches (numbers only)
     problems: list[Problem]
     ringbuf: bool
-    timers: bool = False  # timewait and keepalive traced exactly (timers.bpf.c)
+    timers: bool = False  # timewait and keepalive traced exactly (timers.bpf.c or phases.bpf.c)
     raw: bool = False  # raw tracepoints, fields at BTF offsets
     hz: Optional[int] = None
+    phases: Optional[str] = None  # the PHASE_MODES entry serving timewait and keepalive, None if inferred
+    fallback: Optional[Plan] = None  # the plan to load if the kernel refuses this one's phase hooks
+
+    def falling_back(self, why: str) -> Plan:
+        """The fallback plan, noting why this one's phase hooks were refused (for doctor and the header)."""
+        assert self.fallback is not None
+        fallback = self.fallback
+        fallback.problems.append(Problem(f"{self.phases} hooks refused by the kernel: {why}",
+                                         f"timewait and keepalive use {fallback.phases or 'inference'} instead",
+                                         False))
+        fallback.hooks["refused"] = f"{self.phases}: {why}"
+        return fallback
 
     @property
     def fatal(self) -> bool:
@@ -97,7 +119,36 @@ class Plan:
                 for name, value in sorted(self.defines.items())]
 
 
-def make_plan(facts: KernelFacts) -> Plan:
+def phase_modes(facts: KernelFacts) -> list[str]:
+    """The ways this kernel could hook timewait and keepalive, best first (loading may still refuse one)."""
+    modes = []
+    fields = all(name in facts.offsets for name in PHASE_FIELDS) and facts.mib_keepalive is not None
+    functions = fields and set(PHASE_FUNCTIONS) <= facts.functions and bool(facts.hz)
+    if functions and facts.trampolines and set(PHASE_FUNCTIONS) <= facts.btf_functions:
+        modes.append("fentry")
+    if functions and facts.kprobes:
+        modes.append("kprobe")
+    if (all(name in facts.offsets for name in TIMER_FIELDS) and len(facts.timer_functions) == len(TIMER_FUNCTIONS)
+            and bool(facts.hz)):
+        modes.append("timer")
+    return modes
+
+
+def make_plan(facts: KernelFacts, phases: Optional[str] = None) -> Plan:
+    """The plan for this kernel.  `phases` forces one of PHASE_MODES (tests exercise each on kernels that
+    have several); by default the best available, with the next ones chained as fallbacks."""
+    modes = phase_modes(facts)
+    if phases is not None:
+        modes = [phases] if phases in modes else []
+    plan = _make_plan(facts, modes[0] if modes else None, phases)
+    last = plan
+    for mode in modes[1:]:
+        last.fallback = _make_plan(facts, mode, None)
+        last = last.fallback
+    return plan
+
+
+def _make_plan(facts: KernelFacts, mode: Optional[str], forced: Optional[str]) -> Plan:
     hooks: dict[str, str] = {}
     sources: list[str] = []
     defines: dict[str, int] = {}
@@ -196,9 +247,8 @@ def make_plan(facts: KernelFacts) -> Plan:
     else:
         hooks["owner"] = "connect/listen/close transitions; accepted sockets take their listener's owner"
 
-    timers = (raw and all(name in facts.offsets for name in TIMER_FIELDS)
-              and len(facts.timer_functions) == len(TIMER_FUNCTIONS) and bool(facts.hz))
-    if timers:
+    timers = raw and mode is not None
+    if timers and mode == "timer":
         sources.append("timers.bpf.c")
         defines.update({name: facts.offsets[name] for name in TIMER_FIELDS})
         defines.update(facts.timer_functions)
@@ -207,10 +257,23 @@ def make_plan(facts: KernelFacts) -> Plan:
         hooks["fin_wait2"] = "exact: the timewait socket's substate and timer (orphaned sockets included)"
         hooks["keepalive"] = ("exact: raw tracepoints timer:timer_expire_entry/exit on tcp_keepalive_timer "
                               "(icsk_probes_out before and after)")
+    elif timers:
+        sources.insert(0, "phases.bpf.c")  # first: a refused fentry fails the load before anything attaches
+        defines.update({name: facts.offsets[name] for name in PHASE_FIELDS})
+        defines["TT_MIB_TCPKEEPALIVE"] = int(facts.mib_keepalive or 0)
+        if mode == "fentry":
+            defines["TT_PHASES_FENTRY"] = 1
+        hooks["time_wait"] = (f"exact: {mode} __inet_twsk_schedule/inet_twsk_deschedule_put/tw_timer_handler "
+                              "(creation and re-arm, early kill, expiry)")
+        hooks["fin_wait2"] = "exact: the timewait socket's substate and timer (orphaned sockets included)"
+        hooks["keepalive"] = f"exact: {mode} tcp_write_wakeup with mib LINUX_MIB_TCPKEEPALIVE"
     else:
         why = facts.timer_error or ("no raw tracepoints with BTF offsets" if not raw else "timer hooks unavailable")
+        if forced is not None:
+            why = f"{forced} hooks are not available on this kernel"
         hooks["time_wait"] = f"inferred: FIN_WAIT2/CLOSING -> CLOSE with no reset and no error ({why})"
         hooks["keepalive"] = f"not traced ({why})"
         problems.append(Problem(f"timewait and keepalive cannot be traced exactly: {why}",
                                 "TIME_WAIT entry is inferred; keepalive probes are not counted", False))
-    return Plan(hooks, sources, defines, problems, ringbuf, timers=timers, raw=raw, hz=facts.hz)
+    return Plan(hooks, sources, defines, problems, ringbuf, timers=timers, raw=raw, hz=facts.hz,
+                phases=mode if timers else None)

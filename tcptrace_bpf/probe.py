@@ -14,7 +14,17 @@ from pathlib import Path
 from typing import Optional
 
 from tcptrace_bpf.btf import BTF, BTFError
-from tcptrace_bpf.plan import SOCK_FIELDS, TIMER_FIELDS, TIMER_FUNCTIONS, TRACEPOINTS, KernelFacts
+from tcptrace_bpf.plan import (
+    MIB_KEEPALIVE,
+    PHASE_FUNCTIONS,
+    SOCK_FIELDS,
+    TIMER_FIELDS,
+    TIMER_FUNCTIONS,
+    TRACEPOINTS,
+    KernelFacts,
+)
+
+TRAMPOLINE_SYMBOL = "bpf_trampoline_link_prog"  # present where the kernel can run fentry programs
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 _FIELD = re.compile(r"field:(.+?)\s+(\w+)(\[\d+\])?;\s+offset:")
@@ -132,12 +142,19 @@ def probe_kernel(check_bcc: bool = True) -> KernelFacts:
                 facts.offsets[define] = btf.offset(struct_name, path)
             except BTFError as exc:  # e.g. sk_protocol was a bitfield before 5.6: that hook falls back
                 facts.timer_error = facts.timer_error or f"BTF: {exc}"
+        facts.btf_functions = {name for name in PHASE_FUNCTIONS if btf.has_function(name)}
+        try:
+            facts.mib_keepalive = btf.enumerator(MIB_KEEPALIVE)
+        except BTFError:
+            pass
     except BTFError as exc:
         facts.btf = facts.sk_err_offset is not None
         facts.btf_error = str(exc)
         facts.timer_error = f"BTF: {exc}"
+    addresses = kallsyms({*TIMER_FUNCTIONS.values(), *PHASE_FUNCTIONS, TRAMPOLINE_SYMBOL})
+    facts.functions = {name for name in PHASE_FUNCTIONS if name in addresses}
+    facts.trampolines = facts.btf and TRAMPOLINE_SYMBOL in addresses and platform.machine() == "x86_64"
     if facts.timer_error is None:
-        addresses = kallsyms(set(TIMER_FUNCTIONS.values()))
         facts.timer_functions = {define: addresses[name] for define, name in TIMER_FUNCTIONS.items()
                                  if addresses.get(name)}
         if len(facts.timer_functions) < len(TIMER_FUNCTIONS):

@@ -88,6 +88,9 @@ class Tracer:
         only then announce: the header means every probe is in place."""
         self.source.start()
         self._cpu_start = os.times()
+        plan = getattr(self.source, "plan", None)
+        if plan is not None:  # the plan that loaded: the kernel may have refused the first choice
+            header = {**header, "hooks": plan.hooks}
         snapshot = getattr(self.source, "snapshot", None)
         if snapshot is not None:
             with self._lock:

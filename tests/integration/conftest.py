@@ -15,8 +15,8 @@ import pytest
 from tcptrace_bpf.engine import Lifecycle
 from tcptrace_bpf.events import Event
 from tcptrace_bpf.filters import NO_FILTER
-from tcptrace_bpf.kernel import KernelSource
-from tcptrace_bpf.plan import make_plan
+from tcptrace_bpf.kernel import KernelSource, SourceError
+from tcptrace_bpf.plan import Plan, make_plan, phase_modes
 from tcptrace_bpf.probe import probe_kernel
 from tcptrace_bpf.tracer import Tracer, engine_for, header
 
@@ -74,9 +74,8 @@ class Collector:
 
 
 class LiveTrace:
-    def __init__(self) -> None:
-        self.plan = make_plan(probe_kernel())
-        self.source = KernelSource(self.plan)
+    def __init__(self, phases: Optional[str] = None) -> None:
+        self.source = KernelSource(make_plan(probe_kernel(), phases=phases))
         self.collector = Collector()
         self.tracer = Tracer(self.source, [self.collector], engine_for(self.plan))
         self.ready = threading.Event()
@@ -90,6 +89,11 @@ class LiveTrace:
         except BaseException as exc:  # surfaced to the tests by wait_for
             self.error = exc
             self.ready.set()
+
+    @property
+    def plan(self) -> Plan:
+        """The plan that loaded (the kernel may have refused the first choice's phase hooks)."""
+        return self.source.plan
 
     def start(self) -> None:
         self.thread.start()
@@ -139,6 +143,54 @@ def wait_for_quiet_host(limit: int = 2000, timeout: float = 75) -> int:
         if left <= limit or time.monotonic() > deadline:
             return left
         time.sleep(1)
+
+
+_TESTED_PHASES: Optional[list[str]] = None
+
+
+def tested_phase_modes() -> list[str]:
+    """The timewait/keepalive hook modes to run the phase tests under: every one this kernel offers and
+    accepts.  TCPTRACE_EXPECT_PHASES (the VM runner sets it) names them instead, so a mode the kernel should
+    take but refuses fails the run rather than vanishing from it.  Otherwise only a refusal with EPERM (a
+    kernel policy, as fentry here) drops a mode; any other load failure keeps it, to fail in its tests."""
+    global _TESTED_PHASES
+    if _TESTED_PHASES is None:
+        expected = os.environ.get("TCPTRACE_EXPECT_PHASES")
+        if expected:
+            _TESTED_PHASES = [mode.strip() for mode in expected.split(",") if mode.strip()]
+        else:
+            facts = probe_kernel()
+            _TESTED_PHASES = []
+            for mode in phase_modes(facts):
+                source = KernelSource(make_plan(facts, phases=mode))
+                try:
+                    source.start()
+                except SourceError as exc:
+                    if "EPERM" in exc.why:
+                        continue
+                finally:
+                    source.close()
+                _TESTED_PHASES.append(mode)
+    return _TESTED_PHASES
+
+
+def pytest_generate_tests(metafunc: Any) -> None:
+    if "phases" in metafunc.fixturenames:
+        modes = tested_phase_modes() if os.geteuid() == 0 else ["timer"]
+        metafunc.parametrize("phases", modes, scope="module")
+
+
+@pytest.fixture(scope="module")
+def traced(phases: str, live: Any) -> Any:
+    """A tracer whose timewait and keepalive hooks are `phases`: the session's own when it uses that mode."""
+    if live.plan.phases == phases:
+        yield live
+        return
+    trace = LiveTrace(phases)
+    trace.start()
+    assert trace.plan.phases == phases, trace.plan.hooks
+    yield trace
+    trace.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,8 @@
 """Exact hidden phases on the real kernel: the timewait socket's FIN_WAIT2 and TIME_WAIT, how TIME_WAIT
-ends (expiry, RST, reuse), and keepalive probes until keepalive kills the connection."""
+ends (expiry, RST, reuse), and keepalive probes until keepalive kills the connection.
+
+Each test runs once per hook mode the kernel offers (`traced`, parametrized by `phases`): fentry, kprobe,
+timer tracepoints.  This machine's kernel takes only the timer tracepoints; the VM kernels take all three."""
 
 from __future__ import annotations
 
@@ -29,7 +32,24 @@ def needs_timers(live):
     assert live.plan.timers, f"timer hooks unavailable: {live.plan.hooks['time_wait']}"
 
 
-def test_orphan_fin_wait2_lasts_until_the_peers_fin(live):
+def test_the_default_plan_takes_the_best_mode_the_kernel_accepts(live):
+    """fentry first, then kprobe, then the timer tracepoints; a mode the kernel refuses is named in the hooks
+    (and so in the recording header), never dropped in silence."""
+    from tcptrace_bpf.plan import phase_modes
+    from tcptrace_bpf.probe import probe_kernel
+
+    from .conftest import tested_phase_modes
+
+    offered, accepted = phase_modes(probe_kernel()), tested_phase_modes()
+    assert live.plan.phases == accepted[0]
+    refused = offered[: offered.index(accepted[0])]
+    if refused:
+        assert live.plan.hooks["refused"].startswith(f"{refused[-1]}: ")
+    else:
+        assert "refused" not in live.plan.hooks
+
+
+def test_orphan_fin_wait2_lasts_until_the_peers_fin(traced):
     """close() before the peer's FIN: the kernel's tracepoint shows FIN_WAIT2 for microseconds; the
     timewait socket holds it until the peer closes, 0.5 s later."""
     port = free_port()
@@ -39,7 +59,7 @@ def test_orphan_fin_wait2_lasts_until_the_peers_fin(live):
     c.sendall(b"x")
     c.close()
     peer.wait()
-    (client,) = live.wait_for(by_ports(lport, port), closed=True)
+    (client,) = traced.wait_for(by_ports(lport, port), closed=True)
     deadline = time.monotonic() + 5  # the peer's FIN is still on its way through the tracer
     while client.tw_state != TIME_WAIT and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -47,27 +67,27 @@ def test_orphan_fin_wait2_lasts_until_the_peers_fin(live):
     assert fw2.source in ("peer", "exact") and fw2.duration == pytest.approx(0.5, abs=TOL)
     tw = interval(client, TIME_WAIT)
     assert tw.enter == pytest.approx(fw2.leave) and tw.leave is None and tw.source == fw2.source
-    (server,) = live.wait_for(by_ports(port, lport))
+    (server,) = traced.wait_for(by_ports(port, lport))
     # our FIN_WAIT2 ends as the peer's CLOSE_WAIT does: when it sends its FIN (it began ~40 ms after the
     # peer's CLOSE_WAIT: loopback delays the ACK of our FIN)
     assert interval(server, CLOSE_WAIT).leave == pytest.approx(fw2.leave, abs=0.01)
 
 
-def test_time_wait_expires_after_60_seconds(live):
+def test_time_wait_expires_after_60_seconds(traced):
     port = free_port()
     peer = Peer("127.0.0.1", port, hold=0)
     c = socket.create_connection(("127.0.0.1", port), timeout=5)
     lport = c.getsockname()[1]
     c.close()
     peer.wait()
-    (client,) = live.wait_for(by_ports(lport, port), timeout=75)  # final only when the timewait socket is gone
+    (client,) = traced.wait_for(by_ports(lport, port), timeout=75)  # final only when the timewait socket is gone
     assert client.tw_end_how == "expired"
     tw = interval(client, TIME_WAIT)
     # armed for exactly 60 s; the timer wheel fires it up to a bucket (2 s at HZ 250) late
     assert 60.0 <= tw.duration < 63.0 and tw.source == "exact"
 
 
-def test_time_wait_ended_by_a_rst_from_the_timewait_socket(live):
+def test_time_wait_ended_by_a_rst_from_the_timewait_socket(traced):
     """The peer sends data to a closed, orphaned end instead of its FIN: the timewait socket (still in
     FIN_WAIT2) answers with a RST and dies."""
     port = free_port()
@@ -84,13 +104,13 @@ def test_time_wait_ended_by_a_rst_from_the_timewait_socket(live):
     time.sleep(0.2)
     a.close()
     s.close()
-    (client,) = live.wait_for(by_ports(lport, port), timeout=10)
+    (client,) = traced.wait_for(by_ports(lport, port), timeout=10)
     assert client.tw_end_how == "reset"
     assert [iv.state for iv in client.intervals()][-1] == FIN_WAIT2  # it never reached TIME_WAIT
     assert interval(client, FIN_WAIT2).duration == pytest.approx(0.2, abs=TOL)
 
 
-def test_time_wait_reused_by_a_new_connection(live):
+def test_time_wait_reused_by_a_new_connection(traced):
     """Same source port, same destination, after 1 s (tcp_tw_reuse, loopback): the new connection takes
     over the timewait socket."""
     port = free_port()
@@ -110,16 +130,16 @@ def test_time_wait_reused_by_a_new_connection(live):
         a.close()
         time.sleep(1.3)  # tcp_tw_reuse_delay is 1 s
     s.close()
-    clients = [lc for lc in live.wait_for(by_ports(lport, port), count=2, timeout=10, closed=True)
+    clients = [lc for lc in traced.wait_for(by_ports(lport, port), count=2, timeout=10, closed=True)
                if lc.role == "client"]
     first, second = sorted(clients, key=lambda lc: lc.start)
-    live.wait_for(lambda lc: lc is first, timeout=10)
+    traced.wait_for(lambda lc: lc is first, timeout=10)
     assert first.tw_end_how == "reused" and first.tw == second.tw  # the kernel reused the memory too
     assert interval(first, TIME_WAIT).leave == pytest.approx(second.start, abs=0.05)
     assert second.tw_end is None and second.tw_state == TIME_WAIT
 
 
-def test_keepalive_probes_then_timeout(live, netns):
+def test_keepalive_probes_then_timeout(traced, netns):
     server_ip = netns.V4[1]
     port = 8085
     peer = Peer(server_ip, port, hold=0, netns=netns.server)
@@ -138,7 +158,7 @@ def test_keepalive_probes_then_timeout(live, netns):
         assert caught.value.errno == 110  # ETIMEDOUT
     c.close()
     peer.proc.kill()
-    (client,) = live.wait_for(by_ports(lport, port), timeout=15)
+    (client,) = traced.wait_for(by_ports(lport, port), timeout=15)
     assert client.close_kind() == "timeout"
     assert client.keepalive_unanswered == 2
     assert client.keepalive_probes >= 4  # >= 2 answered while the peer was there, then 2 unanswered

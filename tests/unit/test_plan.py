@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from tcptrace_bpf.plan import (
+    PHASE_FUNCTIONS,
     SOCK_FIELDS,
     TIMER_FIELDS,
     TP_RECEIVE_RESET,
@@ -15,6 +16,7 @@ from tcptrace_bpf.plan import (
     TP_STATE,
     KernelFacts,
     make_plan,
+    phase_modes,
 )
 
 STATE_FIELDS = ("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol", "saddr", "daddr",
@@ -134,3 +136,50 @@ def test_raw_tracepoints_where_btf_gives_the_socket_fields():
     old = kernel_6_18(offsets={})  # e.g. sk_protocol a bitfield (before 5.6): classic tracepoints, no timers
     plan = make_plan(old)
     assert not plan.raw and not plan.timers and plan.hooks["state"] == "tracepoint sock:inet_sock_set_state"
+
+
+def kernel_6_1_stock(**changes):
+    """A distro kernel: kprobes, BPF trampolines, and the timewait/keepalive functions in kallsyms and BTF."""
+    facts = kernel_6_18(release="6.1.0-40-amd64", version=(6, 1), headers="6.1.0-40-amd64", kprobes=True,
+                        trampolines=True, functions=set(PHASE_FUNCTIONS), btf_functions=set(PHASE_FUNCTIONS),
+                        mib_keepalive=114)
+    for key, value in changes.items():
+        setattr(facts, key, value)
+    return facts
+
+
+def test_phase_hooks_best_first_with_the_rest_as_fallbacks():
+    facts = kernel_6_1_stock()
+    assert phase_modes(facts) == ["fentry", "kprobe", "timer"]
+    plan = make_plan(facts)
+    chain = [plan.phases, plan.fallback.phases, plan.fallback.fallback.phases]
+    assert chain == ["fentry", "kprobe", "timer"] and plan.fallback.fallback.fallback is None
+    assert plan.sources[0] == "phases.bpf.c" and "timers.bpf.c" not in plan.sources
+    assert "-DTT_PHASES_FENTRY=1" in plan.cflags() and "-DTT_MIB_TCPKEEPALIVE=114" in plan.cflags()
+    assert "TT_PHASES_FENTRY" not in plan.fallback.defines and plan.fallback.sources[0] == "phases.bpf.c"
+    assert plan.hooks["keepalive"] == "exact: fentry tcp_write_wakeup with mib LINUX_MIB_TCPKEEPALIVE"
+    assert plan.fallback.fallback.sources[-1] == "timers.bpf.c" and "TT_TW_HANDLER" in plan.fallback.fallback.defines
+    assert all(p.timers for p in (plan, plan.fallback, plan.fallback.fallback))
+
+
+def test_a_refused_mode_is_named_in_the_plan_that_replaces_it():
+    plan = make_plan(kernel_6_1_stock())
+    fallback = plan.falling_back("the kernel refused the program (EPERM)")
+    assert fallback.phases == "kprobe" and fallback.hooks["refused"] == "fentry: the kernel refused the program (EPERM)"
+    assert any("fentry hooks refused" in p.what and not p.fatal for p in fallback.problems)
+
+
+def test_each_mode_needs_its_own_facts():
+    assert phase_modes(kernel_6_1_stock(btf_functions=set())) == ["kprobe", "timer"]  # fentry needs BTF FUNCs
+    assert phase_modes(kernel_6_1_stock(trampolines=False, kprobes=False)) == ["timer"]
+    assert phase_modes(kernel_6_1_stock(functions={"tw_timer_handler"})) == ["timer"]  # e.g. a function inlined
+    assert phase_modes(kernel_6_1_stock(mib_keepalive=None)) == ["timer"]
+    assert phase_modes(kernel_6_18()) == ["timer"]  # this machine's kernel: no kprobes, no trampolines in facts
+    assert phase_modes(kernel_6_18(timer_functions={})) == []
+
+
+def test_a_forced_mode_has_no_fallback_and_an_unavailable_one_is_inferred():
+    plan = make_plan(kernel_6_1_stock(), phases="kprobe")
+    assert plan.phases == "kprobe" and plan.fallback is None
+    plan = make_plan(kernel_6_18(), phases="fentry")
+    assert plan.phases is None and not plan.timers and "fentry hooks are not available" in plan.hooks["keepalive"]

@@ -57,3 +57,14 @@ def test_ipv4_mapped_is_shown_as_ipv4_and_family_4():
     assert ev.laddr == "10.1.2.3" and ev.family == 4
     assert format_addr(b"\0" * 16) == ""
     assert struct.calcsize("<" + "".join(c for _n, c in EVENT_FIELDS)) == EVENT_SIZE
+
+
+def test_kinds_and_phases_match_the_header():
+    from tcptrace_bpf import events
+
+    text = (bpf_dir() / "tcptrace.h").read_text()
+    c_values = {name: int(value) for name, value in re.findall(r"\bTT_(\w+) = (\d+),", text)}
+    python = {name: getattr(events, name) for name in ("STATE", "RETRANSMIT", "RESET_SENT", "RESET_RECV", "OWNER",
+                                                        "TIMEWAIT", "KEEPALIVE", "TIMER_START", "TIMER_CANCEL",
+                                                        "TIMER_EXPIRE", "KA_PROBE")}
+    assert c_values == python

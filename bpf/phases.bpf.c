@@ -1,0 +1,60 @@
+/* phases.bpf.c: the phases no tracepoint announces, from the kernel functions that do the work.
+ *
+ * Used where the kernel lets us hook functions: fentry (TT_PHASES_FENTRY) where BPF trampolines work, else
+ * kprobes.  It emits exactly what timers.bpf.c emits from the timer tracepoints, so the frontend follows
+ * either the same way; the recording header says which served.
+ * - __inet_twsk_schedule(tw, timeo, rearm): the timewait socket's timer armed, when the socket is created
+ *   (tcp_time_wait) or re-armed (FIN_WAIT2 -> TIME_WAIT, a segment in TIME_WAIT): start, timeo jiffies left.
+ * - inet_twsk_deschedule_put(tw): killed before its time (RST, a SYN reopening it, connect() reusing the
+ *   4-tuple, SOCK_DESTROY, namespace exit): cancel.
+ * - tw_timer_handler(timer): the timer ran: expire.
+ * - tcp_write_wakeup(sk, mib) with mib == LINUX_MIB_TCPKEEPALIVE: a keepalive probe goes out (the same
+ *   function sends zero-window probes, with another mib).  The caller counts it in icsk_probes_out after
+ *   it returns, so this probe is probes_out + 1.
+ * These four names have been stable since 4.x.  Struct offsets and the MIB number come from BTF.
+ */
+#include "common.h"
+
+#ifdef TT_PHASES_FENTRY
+#define TT_HOOK(fn) KFUNC_PROBE(fn)
+#define TT_ARG0 ((__u64)ctx[0])
+#define TT_ARG1 ((__u64)ctx[1])
+#else
+#define TT_HOOK(fn) int kprobe__##fn(struct pt_regs *ctx)
+#define TT_ARG0 ((__u64)PT_REGS_PARM1(ctx))
+#define TT_ARG1 ((__u64)PT_REGS_PARM2(ctx))
+#endif
+
+TT_HOOK(__inet_twsk_schedule)
+{
+    return tt_timewait_event(ctx, TT_ARG0, TT_TIMER_START, (int)TT_ARG1);
+}
+
+TT_HOOK(inet_twsk_deschedule_put)
+{
+    return tt_timewait_event(ctx, TT_ARG0, TT_TIMER_CANCEL, -1);
+}
+
+TT_HOOK(tw_timer_handler)
+{
+    return tt_timewait_event(ctx, TT_ARG0 - TT_OFF_TW_TIMER, TT_TIMER_EXPIRE, 0);
+}
+
+TT_HOOK(tcp_write_wakeup)
+{
+    if ((int)TT_ARG1 != TT_MIB_TCPKEEPALIVE)
+        return 0;
+    __u64 sk = TT_ARG0;
+    struct tt_event *e = tt_reserve();
+    if (!e)
+        return 0;
+    __u8 probes = 0;
+    TT_RD(probes, sk + TT_OFF_ICSK_PROBES_OUT);
+    e->kind = TT_KEEPALIVE;
+    e->newstate = TT_KA_PROBE;
+    e->skaddr = sk;
+    e->oldstate = probes < 255 ? probes + 1 : 255;  /* probes sent and not yet answered, this one included */
+    tt_tuple(e, sk, 1);
+    tt_submit(ctx, e);
+    return 0;
+}
