@@ -87,6 +87,15 @@ fi
 stamp=$(cat pyproject.toml setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$venv/.tcptrace-installed" 2>/dev/null)" != "$stamp" ]; then
     say "installing tcptrace-bpf into $venv"
+    # Trust the system's CA store, as Debian's own pip does; an upgraded pip would use its bundled one and
+    # fail behind a proxy whose CA is installed system-wide.
+    if [ -z "${PIP_CERT:-}" ] && [ -s /etc/ssl/certs/ca-certificates.crt ]; then
+        export PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+    fi
+    # An editable install from pyproject.toml alone needs pip 21.3+ (PEP 660); Debian 11 ships 20.3.
+    if ! "$venv/bin/python" -c 'import pip, sys; sys.exit(tuple(map(int, pip.__version__.split(".")[:2])) < (21, 3))'; then
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade "pip>=21.3"
+    fi
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
     echo "$stamp" > "$venv/.tcptrace-installed"
 fi

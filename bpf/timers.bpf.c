@@ -5,8 +5,9 @@
  *   timer_expire_entry = expired, timer_cancel with nothing after it = killed early.  A re-arm that lands
  *   in the same timer-wheel bucket is silent, but it still updates timer->expires, so every event carries
  *   the jiffies left (err) and the substate (oldstate) and the frontend places the switch exactly.
- * - Keepalive: tcp_keepalive_timer runs on the socket's sk_timer; a probe was sent when
- *   icsk_probes_out grew across the handler (entry -> exit).
+ * - Keepalive: tcp_keepalive_timer runs on the socket's keepalive timer (sk_timer, or icsk_keepalive_timer
+ *   where the kernel has one: TT_OFF_KA_TIMER); a probe was sent when icsk_probes_out grew across the
+ *   handler (entry -> exit).
  * Raw tracepoints, not classic ones: classic tracepoint programs share a per-CPU recursion guard and are
  * skipped when a timer softirq interrupts another BPF program (seen here: ~7% of expiries under load).
  * Every struct field is read at its BTF offset (TT_OFF_*); function addresses come from /proc/kallsyms.
@@ -42,9 +43,9 @@ RAW_TRACEPOINT_PROBE(timer_expire_entry)
         int zero = 0, one = 1;
         __u64 *slot = ka_entry.lookup(&zero), *before = ka_entry.lookup(&one);
         __u8 probes = 0;
-        TT_RD(probes, timer - TT_OFF_SK_TIMER + TT_OFF_ICSK_PROBES_OUT);
+        TT_RD(probes, timer - TT_OFF_KA_TIMER + TT_OFF_ICSK_PROBES_OUT);
         if (slot && before) {
-            *slot = timer - TT_OFF_SK_TIMER;
+            *slot = timer - TT_OFF_KA_TIMER;
             *before = probes;
         }
         return 0;
@@ -56,7 +57,7 @@ RAW_TRACEPOINT_PROBE(timer_expire_exit)
 {
     int zero = 0, one = 1;
     __u64 *slot = ka_entry.lookup(&zero), *before = ka_entry.lookup(&one);
-    if (!slot || !before || !*slot || *slot != ctx->args[0] - TT_OFF_SK_TIMER)
+    if (!slot || !before || !*slot || *slot != ctx->args[0] - TT_OFF_KA_TIMER)
         return 0;
     __u64 sk = *slot;
     *slot = 0;

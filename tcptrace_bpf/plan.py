@@ -39,9 +39,13 @@ TIMER_FIELDS = {
     "TT_OFF_TIMER_EXPIRES": ("timer_list", "expires"),
     "TT_OFF_TW_TIMER": ("inet_timewait_sock", "tw_timer"),
     "TT_OFF_TW_SUBSTATE": ("inet_timewait_sock", "tw_substate"),
-    "TT_OFF_SK_TIMER": ("sock", "sk_timer"),
+    "TT_OFF_KA_TIMER": ("sock", "sk_timer"),  # or icsk_keepalive_timer where BTF has it: KEEPALIVE_TIMER
     "TT_OFF_ICSK_PROBES_OUT": ("inet_connection_sock", "icsk_probes_out"),
 }
+# The keepalive timer: a timer of its own, inet_connection_sock.icsk_keepalive_timer, in kernels that have that
+# member (seen in Debian 12's 6.1, a stable backport shared with MPTCP's timeout timer); sk->sk_timer otherwise
+# (this machine's 6.18).  A timer running tcp_keepalive_timer was seen at sk + 1176 on that 6.1 = the former.
+KEEPALIVE_TIMER = ("inet_connection_sock", "icsk_keepalive_timer")
 TIMER_FUNCTIONS = {"TT_TW_HANDLER": "tw_timer_handler", "TT_KA_HANDLER": "tcp_keepalive_timer"}
 # The function hooks (phases.bpf.c) need these fields, these kernel functions and one MIB number.
 PHASE_FIELDS = ("TT_OFF_TW_TIMER", "TT_OFF_TIMER_EXPIRES", "TT_OFF_TW_SUBSTATE", "TT_OFF_ICSK_PROBES_OUT")

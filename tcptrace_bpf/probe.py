@@ -15,6 +15,7 @@ from typing import Optional
 
 from tcptrace_bpf.btf import BTF, BTFError
 from tcptrace_bpf.plan import (
+    KEEPALIVE_TIMER,
     MIB_KEEPALIVE,
     PHASE_FUNCTIONS,
     SOCK_FIELDS,
@@ -139,6 +140,12 @@ def probe_kernel(check_bcc: bool = True) -> KernelFacts:
                              for k, v in btf.enum("sk_rst_reason").items()}
         for define, (struct_name, path) in {**SOCK_FIELDS, **TIMER_FIELDS}.items():
             try:
+                if define == "TT_OFF_KA_TIMER":
+                    try:
+                        facts.offsets[define] = btf.offset(*KEEPALIVE_TIMER)
+                        continue
+                    except BTFError:
+                        pass
                 facts.offsets[define] = btf.offset(struct_name, path)
             except BTFError as exc:  # e.g. sk_protocol was a bitfield before 5.6: that hook falls back
                 facts.timer_error = facts.timer_error or f"BTF: {exc}"

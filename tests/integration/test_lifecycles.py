@@ -121,9 +121,13 @@ def test_refused_connect(live):
     assert client.close_kind() == "refused" and client.error == errno.ECONNREFUSED
     assert client.resets_received == 1 and states(client) == [SYN_SENT]
     assert client.pid == ME and client.pid_source == "connect"
-    # the RST itself came from no socket at all (nothing listens): a reset with no socket address
+    # the RST itself came from no socket at all (nothing listens): a reset with no socket address.  Only the
+    # 6.10+ tracepoint (sockaddr layout) fires without a socket; before, tcp_send_reset needs a full socket.
     sent = live.events_for(lambda ev: ev.kind == RESET_SENT and ev.sock == 0 and ev.lport == port)
-    assert len(sent) == 1 and sent[0].rport == lport
+    if "TT_SEND_RESET_SOCKADDR" in live.plan.defines:
+        assert len(sent) == 1 and sent[0].rport == lport
+    else:
+        assert sent == []
 
 
 def test_listener_lifetime(live):
