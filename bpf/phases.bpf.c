@@ -15,32 +15,36 @@
  */
 #include "common.h"
 
+/* TT_HOOKn: a hook on a function whose first n arguments we read (an fentry program may read no more
+ * arguments than the function has; bcc 0.18's KFUNC_PROBE also needs at least one declared). */
 #ifdef TT_PHASES_FENTRY
-#define TT_HOOK(fn) KFUNC_PROBE(fn)
-#define TT_ARG0 ((__u64)ctx[0])
-#define TT_ARG1 ((__u64)ctx[1])
+#define TT_HOOK1(fn) KFUNC_PROBE(fn, __u64 arg0)
+#define TT_HOOK2(fn) KFUNC_PROBE(fn, __u64 arg0, __u64 arg1)
+#define TT_ARG0 arg0
+#define TT_ARG1 arg1
 #else
-#define TT_HOOK(fn) int kprobe__##fn(struct pt_regs *ctx)
+#define TT_HOOK1(fn) int kprobe__##fn(struct pt_regs *ctx)
+#define TT_HOOK2(fn) int kprobe__##fn(struct pt_regs *ctx)
 #define TT_ARG0 ((__u64)PT_REGS_PARM1(ctx))
 #define TT_ARG1 ((__u64)PT_REGS_PARM2(ctx))
 #endif
 
-TT_HOOK(__inet_twsk_schedule)
+TT_HOOK2(__inet_twsk_schedule)
 {
     return tt_timewait_event(ctx, TT_ARG0, TT_TIMER_START, (int)TT_ARG1);
 }
 
-TT_HOOK(inet_twsk_deschedule_put)
+TT_HOOK1(inet_twsk_deschedule_put)
 {
     return tt_timewait_event(ctx, TT_ARG0, TT_TIMER_CANCEL, -1);
 }
 
-TT_HOOK(tw_timer_handler)
+TT_HOOK1(tw_timer_handler)
 {
     return tt_timewait_event(ctx, TT_ARG0 - TT_OFF_TW_TIMER, TT_TIMER_EXPIRE, 0);
 }
 
-TT_HOOK(tcp_write_wakeup)
+TT_HOOK2(tcp_write_wakeup)
 {
     if ((int)TT_ARG1 != TT_MIB_TCPKEEPALIVE)
         return 0;

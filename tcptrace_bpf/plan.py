@@ -80,7 +80,6 @@ class KernelFacts:
     trampolines: bool = False  # the kernel has BPF trampolines (fentry), x86_64 with BTF
     hz: Optional[int] = None
     headers: Optional[str] = None  # release of the headers at /lib/modules/$(uname -r)/build
-    headers_have_rst_reason: bool = False
 
 
 @dataclass
@@ -227,7 +226,9 @@ def _make_plan(facts: KernelFacts, mode: Optional[str], forced: Optional[str]) -
         types = facts.field_types.get(TP_SEND_RESET, {})
         if "reason" in send:
             defines["TT_SEND_RESET_HAS_REASON"] = 1
-            if "enum sk_rst_reason" in types.get("reason", "") and not facts.headers_have_rst_reason:
+            # bcc's args struct names the enum; nothing we include defines it, even where the matching
+            # headers have include/net/rstreason.h (seen on Debian 13's 6.12): declare it ourselves.
+            if "enum sk_rst_reason" in types.get("reason", ""):
                 defines["TT_DECLARE_SK_RST_REASON"] = 1
         if "state" in send:
             defines["TT_SEND_RESET_HAS_STATE"] = 1

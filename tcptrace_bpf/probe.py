@@ -56,11 +56,10 @@ def kernel_version(release: str) -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
-def headers_release(release: str) -> tuple[Optional[str], bool]:
+def headers_release(release: str) -> Optional[str]:
     build = Path("/lib/modules", release, "build")
     if not build.exists():
-        return None, False
-    have_rst = any((base / "include/net/rstreason.h").exists() for base in (build, build.parent / "source"))
+        return None
     for candidate in ("include/config/kernel.release", "include/generated/utsrelease.h"):
         try:
             text = (build / candidate).read_text()
@@ -68,8 +67,8 @@ def headers_release(release: str) -> tuple[Optional[str], bool]:
             continue
         match = re.search(r'"?([0-9][^"\s]*)"?', text)
         if match:
-            return match.group(1), have_rst
-    return "unknown", have_rst
+            return match.group(1)
+    return "unknown"
 
 
 def kallsyms(names: set[str]) -> dict[str, int]:
@@ -173,5 +172,5 @@ def probe_kernel(check_bcc: bool = True) -> KernelFacts:
     facts.kprobes = os.path.exists("/sys/bus/event_source/devices/kprobe/type") or (
         facts.tracefs is not None and os.path.exists(os.path.join(facts.tracefs, "kprobe_events"))
     )
-    facts.headers, facts.headers_have_rst_reason = headers_release(release)
+    facts.headers = headers_release(release)
     return facts

@@ -23,7 +23,7 @@ def serve(host: str, port: int, hold: float, family: int) -> None:
     listener.listen(8)
     print(f"ready {os.getpid()}", flush=True)
     conn, _addr = listener.accept()
-    conn.settimeout(10)
+    conn.settimeout(60)  # long enough for a tracer to start in an emulated VM
     try:
         while conn.recv(4096):
             pass
