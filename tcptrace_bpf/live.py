@@ -43,7 +43,7 @@ def host_limits() -> HostLimits:
 
 def short_hooks(hooks: dict[str, str]) -> str:
     """One line for the header: the hooks in use (the full plan is in `doctor` and the recording header)."""
-    names = re.findall(r"(?:tracepoint|kprobe) ([\w:/]+)", " ".join(hooks.values()))
+    names = re.findall(r"(?:tracepoint|kprobe|fentry) ([\w:/]+)", " ".join(hooks.values()))
     extra = [f"{fact} {hook.split(':')[0]}" for fact, hook in hooks.items() if hook.startswith(("inferred", "replay"))]
     return ", ".join(names + extra)
 
@@ -154,6 +154,9 @@ class LiveApp:
     def run(self, header: dict[str, Any], console: Console, duration: Optional[float] = None) -> dict[str, Any]:
         tracer = self.tracer
         tracer.begin(header)
+        plan = getattr(tracer.source, "plan", None)
+        if plan is not None:  # the plan that loaded: the kernel may have refused the first choice
+            self.hooks = short_hooks(plan.hooks)
         intake = threading.Thread(target=self._intake, name="intake", daemon=True)
         intake.start()
 

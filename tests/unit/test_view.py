@@ -155,3 +155,14 @@ def test_replay_frame_by_frame():
     assert "curl[100]" in text_of(render(f), width=200)
     app.paused = True
     assert app.snapshot(60) is f  # paused: the frame stays as it was
+
+
+def test_the_header_line_names_every_hook_kind():
+    from tcptrace_bpf.live import short_hooks
+
+    line = short_hooks({"state": "raw tracepoint sock:inet_sock_set_state",
+                        "time_wait": "exact: fentry __inet_twsk_schedule/inet_twsk_deschedule_put/tw_timer_handler",
+                        "keepalive": "exact: kprobe tcp_write_wakeup with mib LINUX_MIB_TCPKEEPALIVE",
+                        "retransmit": "inferred: nothing"})
+    assert line == ("sock:inet_sock_set_state, __inet_twsk_schedule/inet_twsk_deschedule_put/tw_timer_handler, "
+                    "tcp_write_wakeup, retransmit inferred")
