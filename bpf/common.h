@@ -13,6 +13,7 @@
 #define TT_AF_INET 2
 #define TT_AF_INET6 10
 #define TT_IPPROTO_TCP 6
+#define TT_TCP_TIME_WAIT 6
 #define TT_TCP_CLOSE 7
 
 #ifdef TT_DECLARE_SK_RST_REASON

@@ -62,3 +62,39 @@ TT_HOOK2(tcp_write_wakeup)
     tt_submit(ctx, e);
     return 0;
 }
+
+#ifdef TT_TW_RESET_HOOK
+/* Before 6.10 tcp:tcp_send_reset fires only for full sockets: a RST that a timewait socket sends (data or a
+ * SYN it will not take) is seen here, so its end is `reset`, as the tracepoint says on 6.10+. */
+static __always_inline int tt_tw_reset(void *ctx, __u64 sk)
+{
+    __u8 state = 0;
+    if (!sk)
+        return 0;
+    TT_RD(state, sk + TT_OFF_SKC_STATE);
+    if (state != TT_TCP_TIME_WAIT)
+        return 0;
+    struct tt_event *e = tt_reserve();
+    if (!e)
+        return 0;
+    e->kind = TT_RESET_SENT;
+    e->skaddr = sk;
+    e->oldstate = state;
+    e->err = -1;
+    tt_tuple(e, sk, 0);
+    tt_submit(ctx, e);
+    return 0;
+}
+
+TT_HOOK1(tcp_v4_send_reset)
+{
+    return tt_tw_reset(ctx, TT_ARG0);
+}
+#endif
+
+#ifdef TT_TW_RESET6_HOOK
+TT_HOOK1(tcp_v6_send_reset)
+{
+    return tt_tw_reset(ctx, TT_ARG0);
+}
+#endif

@@ -51,6 +51,8 @@ TIMER_FUNCTIONS = {"TT_TW_HANDLER": "tw_timer_handler", "TT_KA_HANDLER": "tcp_ke
 PHASE_FIELDS = ("TT_OFF_TW_TIMER", "TT_OFF_TIMER_EXPIRES", "TT_OFF_TW_SUBSTATE", "TT_OFF_ICSK_PROBES_OUT")
 PHASE_FUNCTIONS = ("__inet_twsk_schedule", "inet_twsk_deschedule_put", "tw_timer_handler", "tcp_write_wakeup")
 MIB_KEEPALIVE = "LINUX_MIB_TCPKEEPALIVE"
+# Before 6.10 no tracepoint shows a RST sent by a timewait socket: these functions do (optional).
+RESET_FUNCTIONS = {"TT_TW_RESET_HOOK": "tcp_v4_send_reset", "TT_TW_RESET6_HOOK": "tcp_v6_send_reset"}
 # How timewait and keepalive are hooked, best first: BPF trampolines, kprobes, the generic timer tracepoints.
 PHASE_MODES = ("fentry", "kprobe", "timer")
 
@@ -74,7 +76,7 @@ class KernelFacts:
     offsets: dict[str, int] = field(default_factory=dict)  # SOCK_FIELDS and TIMER_FIELDS define -> offset (BTF)
     timer_functions: dict[str, int] = field(default_factory=dict)  # TIMER_FUNCTIONS define -> address
     timer_error: Optional[str] = None  # why the timer path is unavailable
-    functions: set[str] = field(default_factory=set)  # PHASE_FUNCTIONS that /proc/kallsyms lists
+    functions: set[str] = field(default_factory=set)  # PHASE_FUNCTIONS and RESET_FUNCTIONS that kallsyms lists
     btf_functions: set[str] = field(default_factory=set)  # PHASE_FUNCTIONS that BTF describes (fentry needs it)
     mib_keepalive: Optional[int] = None  # LINUX_MIB_TCPKEEPALIVE, from BTF
     trampolines: bool = False  # the kernel has BPF trampolines (fentry), x86_64 with BTF
@@ -268,6 +270,14 @@ def _make_plan(facts: KernelFacts, mode: Optional[str], forced: Optional[str]) -
         defines["TT_MIB_TCPKEEPALIVE"] = int(facts.mib_keepalive or 0)
         if mode == "fentry":
             defines["TT_PHASES_FENTRY"] = 1
+        if hooks["reset_sent"].startswith("tracepoint") and "TT_SEND_RESET_SOCKADDR" not in defines:
+            # before 6.10 the tracepoint cannot show a timewait socket's RST
+            described = facts.btf_functions if mode == "fentry" else facts.functions
+            for define, name in RESET_FUNCTIONS.items():
+                if name in facts.functions and name in described:
+                    defines[define] = 1
+            if "TT_TW_RESET_HOOK" in defines:
+                hooks["reset_sent"] += f" + {mode} tcp_v4/v6_send_reset for timewait sockets"
         hooks["time_wait"] = (f"exact: {mode} __inet_twsk_schedule/inet_twsk_deschedule_put/tw_timer_handler "
                               "(creation and re-arm, early kill, expiry)")
         hooks["fin_wait2"] = "exact: the timewait socket's substate and timer (orphaned sockets included)"

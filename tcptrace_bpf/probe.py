@@ -18,6 +18,7 @@ from tcptrace_bpf.plan import (
     KEEPALIVE_TIMER,
     MIB_KEEPALIVE,
     PHASE_FUNCTIONS,
+    RESET_FUNCTIONS,
     SOCK_FIELDS,
     TIMER_FIELDS,
     TIMER_FUNCTIONS,
@@ -148,7 +149,8 @@ def probe_kernel(check_bcc: bool = True) -> KernelFacts:
                 facts.offsets[define] = btf.offset(struct_name, path)
             except BTFError as exc:  # e.g. sk_protocol was a bitfield before 5.6: that hook falls back
                 facts.timer_error = facts.timer_error or f"BTF: {exc}"
-        facts.btf_functions = {name for name in PHASE_FUNCTIONS if btf.has_function(name)}
+        facts.btf_functions = {name for name in (*PHASE_FUNCTIONS, *RESET_FUNCTIONS.values())
+                               if btf.has_function(name)}
         try:
             facts.mib_keepalive = btf.enumerator(MIB_KEEPALIVE)
         except BTFError:
@@ -157,8 +159,8 @@ def probe_kernel(check_bcc: bool = True) -> KernelFacts:
         facts.btf = facts.sk_err_offset is not None
         facts.btf_error = str(exc)
         facts.timer_error = f"BTF: {exc}"
-    addresses = kallsyms({*TIMER_FUNCTIONS.values(), *PHASE_FUNCTIONS, TRAMPOLINE_SYMBOL})
-    facts.functions = {name for name in PHASE_FUNCTIONS if name in addresses}
+    addresses = kallsyms({*TIMER_FUNCTIONS.values(), *PHASE_FUNCTIONS, *RESET_FUNCTIONS.values(), TRAMPOLINE_SYMBOL})
+    facts.functions = {name for name in (*PHASE_FUNCTIONS, *RESET_FUNCTIONS.values()) if name in addresses}
     facts.trampolines = facts.btf and TRAMPOLINE_SYMBOL in addresses and platform.machine() == "x86_64"
     if facts.timer_error is None:
         facts.timer_functions = {define: addresses[name] for define, name in TIMER_FUNCTIONS.items()

@@ -184,3 +184,14 @@ def test_a_forced_mode_has_no_fallback_and_an_unavailable_one_is_inferred():
     assert plan.phases == "kprobe" and plan.fallback is None
     plan = make_plan(kernel_6_18(), phases="fentry")
     assert plan.phases is None and not plan.timers and "fentry hooks are not available" in plan.hooks["keepalive"]
+
+
+def test_a_timewait_sockets_rst_is_hooked_where_the_tracepoint_cannot_show_it():
+    functions = set(PHASE_FUNCTIONS) | {"tcp_v4_send_reset", "tcp_v6_send_reset"}
+    old_reset = {**kernel_6_18().tracepoints, TP_SEND_RESET: ("skbaddr", "skaddr", "state") + ADDR}
+    plan = make_plan(kernel_6_1_stock(tracepoints=old_reset, functions=functions, btf_functions=functions))
+    assert plan.defines["TT_TW_RESET_HOOK"] == 1 and plan.defines["TT_TW_RESET6_HOOK"] == 1
+    assert plan.hooks["reset_sent"].endswith("+ fentry tcp_v4/v6_send_reset for timewait sockets")
+    assert plan.fallback.fallback.phases == "timer" and "TT_TW_RESET_HOOK" not in plan.fallback.fallback.defines
+    # 6.10+: tcp:tcp_send_reset fires for timewait sockets itself
+    assert "TT_TW_RESET_HOOK" not in make_plan(kernel_6_1_stock(functions=functions, btf_functions=functions)).defines
