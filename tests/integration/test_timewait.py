@@ -139,7 +139,8 @@ def test_time_wait_reused_by_a_new_connection(traced):
                if lc.role == "client"]
     first, second = sorted(clients, key=lambda lc: lc.start)
     traced.wait_for(lambda lc: lc is first, timeout=10)
-    assert first.tw_end_how == "reused" and first.tw == second.tw  # the kernel reused the memory too
+    # (the kernel often reuses the timewait socket's memory for the second one, but not always: not asserted)
+    assert first.tw_end_how == "reused" and first.tw is not None and second.tw is not None
     assert interval(first, TIME_WAIT).leave == pytest.approx(second.start, abs=0.05)
     assert second.tw_end is None and second.tw_state == TIME_WAIT
 
