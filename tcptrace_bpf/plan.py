@@ -98,11 +98,15 @@ class Plan:
     defines: dict[str, int]  # -D switches (numbers only)
     problems: list[Problem]
     ringbuf: bool
-    timers: bool = False  # timewait and keepalive traced exactly (timers.bpf.c or phases.bpf.c)
     raw: bool = False  # raw tracepoints, fields at BTF offsets
     hz: Optional[int] = None
     phases: Optional[str] = None  # the PHASE_MODES entry serving timewait and keepalive, None if inferred
     fallback: Optional[Plan] = None  # the plan to load if the kernel refuses this one's phase hooks
+
+    @property
+    def timers(self) -> bool:
+        """Timewait and keepalive traced exactly (timers.bpf.c or phases.bpf.c): some phase mode serves."""
+        return self.phases is not None
 
     def falling_back(self, why: str) -> Plan:
         """The fallback plan, noting why this one's phase hooks were refused (for doctor and the header)."""
@@ -290,5 +294,4 @@ def _make_plan(facts: KernelFacts, mode: Optional[str], forced: Optional[str]) -
         hooks["keepalive"] = f"not traced ({why})"
         problems.append(Problem(f"timewait and keepalive cannot be traced exactly: {why}",
                                 "TIME_WAIT entry is inferred; keepalive probes are not counted", False))
-    return Plan(hooks, sources, defines, problems, ringbuf, timers=timers, raw=raw, hz=facts.hz,
-                phases=mode if timers else None)
+    return Plan(hooks, sources, defines, problems, ringbuf, raw=raw, hz=facts.hz, phases=mode if timers else None)
