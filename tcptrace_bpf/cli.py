@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import sys
@@ -14,6 +15,8 @@ from rich.console import Console
 from tcptrace_bpf import __version__
 from tcptrace_bpf.filters import Filter, parse_addr, parse_port
 from tcptrace_bpf.recording import RecordingError
+
+GC_THRESHOLD = 50_000  # objects allocated between young-generation collections (Python's default: 700)
 
 
 class _Port(click.ParamType):
@@ -71,6 +74,10 @@ def cli(ctx: click.Context) -> None:
 
     With no command: the live view on a terminal, `trace` when the output is not a terminal.
     """
+    # Every command allocates a few small objects per event and keeps many long-lived ones (lifecycles held
+    # through TIME_WAIT); almost none form cycles.  With the default threshold (700) the collector walks
+    # that heap over and over: measured, 20% of the intake path's time at connection-storm rates.
+    gc.set_threshold(GC_THRESHOLD, 20, 100)
     if ctx.invoked_subcommand is None:
         ctx.invoke(live if sys.stdout.isatty() else trace)
 

@@ -1,6 +1,7 @@
 """The kernel source: compiles bpf/ with bcc per the hook plan, attaches, and delivers decoded events.
 
-bcc is imported here only (it costs ~130 MB and needs root), so report and replay never load it.
+bcc is imported only by the loader process (loader.py) where the kernel has a ring buffer, and by this
+module on older kernels: it costs ~130 MB and needs root, so report and replay never load it.
 """
 
 from __future__ import annotations
@@ -8,7 +9,11 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import pickle
 import re
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,8 +22,13 @@ from typing import Any, Optional
 from tcptrace_bpf import wire
 from tcptrace_bpf.events import Event
 from tcptrace_bpf.plan import Plan
+from tcptrace_bpf.ringbuf import PerCpuCounter, RingReader
 
 MISSES_EVERY = 0.5
+# After a wake-up with little waiting, let a batch gather: each poll costs the tracer a fixed amount (the
+# engine's timers, the sinks' ticks), which at a few thousand events/s would otherwise be paid per handful.
+BATCH_BYTES = 256 * wire.RING_RECORD_SIZE
+BATCH_WAIT_S = 0.01
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.M)
 
 
@@ -105,45 +115,104 @@ def _load(plan: Plan) -> Any:
                     os.write(2, text[-4000:].encode())
 
 
+def load_with_fallbacks(plan: Plan) -> tuple[Any, Plan]:
+    """bcc's BPF object and the plan that loaded: where the kernel refuses the plan's phase hooks (fentry is
+    refused on some kernels that have trampolines), the plan's fallback is loaded instead, noting why."""
+    while True:
+        try:
+            return _load(plan), plan
+        except SourceError as exc:
+            if plan.fallback is None:
+                raise
+            plan = plan.falling_back(exc.why)
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def spawn_loader(plan: Plan) -> dict[str, Any]:
+    """Load the plan in a child process (loader.py) and take over the kernel objects it made: its answer,
+    with "fds" turned into our descriptors and "maps"/"progs" into the same."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (_package_root(), env.get("PYTHONPATH"))))
+    with ours:
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "tcptrace_bpf.loader", str(theirs.fileno())],
+                                    pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        try:
+            ours.send(pickle.dumps(plan))
+            data, fds, _flags, _addr = socket.recv_fds(ours, 1 << 20, 4096)
+        finally:
+            proc.wait()
+    if not data:
+        raise SourceError(f"the loader process ended without an answer (exit code {proc.returncode})")
+    answer = pickle.loads(data)
+    if "error" in answer:
+        for fd in fds:
+            os.close(fd)
+        raise SourceError(answer["error"])
+    if len(fds) != len(answer["fds"]):
+        for fd in fds:
+            os.close(fd)
+        raise SourceError(f"the loader sent {len(fds)} of {len(answer['fds'])} descriptors")
+    mine = dict(zip(answer["fds"], fds))
+    answer["fds"] = fds
+    answer["maps"] = {name: mine[fd] for name, fd in answer["maps"].items()}
+    answer["progs"] = [mine[fd] for fd in answer["progs"]]
+    return answer
+
+
 class KernelSource:
-    """Loads the programs and turns ring/perf buffer records into Events (ts relative to `epoch_ns`)."""
+    """Loads the programs and turns ring/perf buffer records into Events (ts relative to `epoch_ns`).
+
+    With a ring buffer (5.8+) the programs are loaded by a child process (spawn_loader) and read here without
+    bcc; with a perf buffer, bcc stays in this process and its reader delivers the records.
+    """
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.epoch_ns = 0
         self._bpf: Any = None
+        self._ring: Optional[RingReader] = None
+        self._lost_counter: Optional[PerCpuCounter] = None
+        self._fds: list[int] = []
+        self._progs: list[int] = []
         self._chunks: list[bytes] = []
         self._perf_lost = 0
         self._misses = 0
         self._misses_read = float("-inf")
 
     def start(self) -> None:
-        """Compile, load and attach.  Where the kernel refuses the plan's phase hooks (fentry is refused on
-        some kernels that have trampolines), the plan's fallback is loaded instead and `self.plan` says so."""
-        while True:
+        """Compile, load and attach; `self.plan` becomes the plan that loaded (see load_with_fallbacks)."""
+        if self.plan.ringbuf:
+            answer = spawn_loader(self.plan)
+            self.plan, self._fds, self._progs = answer["plan"], answer["fds"], answer["progs"]
             try:
-                self._bpf = _load(self.plan)
-                break
-            except SourceError as exc:
-                if self.plan.fallback is None:
-                    raise
-                self.plan = self.plan.falling_back(exc.why)
+                self._ring = RingReader(answer["maps"]["events"])
+                self._lost_counter = PerCpuCounter(answer["maps"]["lost"])
+            except (OSError, ValueError) as exc:
+                self.close()
+                raise SourceError(f"reading the ring buffer: {exc}") from exc
+        else:
+            self._start_perf()
+        self.epoch_ns = time.monotonic_ns()
+
+    def _start_perf(self) -> None:
+        self._bpf, self.plan = load_with_fallbacks(self.plan)
+        self._progs = [fn.fd for fn in self._bpf.funcs.values()]
         chunks = self._chunks
         size = wire.EVENT_SIZE
-        table = self._bpf[b"events"]
-        if self.plan.ringbuf:
-            def on_event(_ctx: Any, data: int, _size: int) -> int:
-                chunks.append(ctypes.string_at(data, size))
-                return 0
-            table.open_ring_buffer(on_event)
-        else:
-            def on_sample(_cpu: int, data: int, _size: int) -> None:
-                chunks.append(ctypes.string_at(data, size))
 
-            def on_lost(count: int) -> None:
-                self._perf_lost += count
-            table.open_perf_buffer(on_sample, page_cnt=1024, lost_cb=on_lost)
-        self.epoch_ns = time.monotonic_ns()
+        def on_sample(_cpu: int, data: int, _size: int) -> None:
+            chunks.append(ctypes.string_at(data, size))
+
+        def on_lost(count: int) -> None:
+            self._perf_lost += count
+        self._bpf[b"events"].open_perf_buffer(on_sample, page_cnt=1024, lost_cb=on_lost)
 
     def snapshot(self) -> list[Any]:
         """Every TCP socket that exists now, with its owner (sock_diag): taken once the probes are attached,
@@ -159,14 +228,17 @@ class KernelSource:
     def poll(self, timeout_ms: int) -> list[Event]:
         if timeout_ms == 0:  # the final drain: make the next lost() read the skip counters afresh
             self._misses_read = float("-inf")
-        if self.plan.ringbuf:
-            self._bpf.ring_buffer_poll(timeout_ms)
-        else:
-            self._bpf.perf_buffer_poll(timeout_ms)
+        if self._ring is not None:
+            self._ring.wait(timeout_ms)
+            if timeout_ms > 0 and self._ring.pending() < BATCH_BYTES:
+                time.sleep(BATCH_WAIT_S)
+            data = self._ring.take(wire.RING_RECORD_SIZE)
+            return wire.decode_ring(data, self.epoch_ns) if data else []
+        self._bpf.perf_buffer_poll(timeout_ms)
         if not self._chunks:
             return []
         chunks, self._chunks[:] = list(self._chunks), []
-        return list(wire.decode(chunks, self.epoch_ns))
+        return wire.decode(chunks, self.epoch_ns)
 
     def lost(self) -> int:
         """Events not delivered so far: failed ring-buffer reserves on every CPU (or perf-buffer losses), plus
@@ -175,16 +247,28 @@ class KernelSource:
         those per program as recursion_misses (5.12+), read here from the program's fdinfo.
         """
         total = self._perf_lost
-        if self._bpf is not None:
+        if self._lost_counter is not None:
+            total += self._lost_counter.sum() + (self._ring.unknown if self._ring is not None else 0)
+        elif self._bpf is not None:
             total += int(self._bpf[b"lost"].sum(0).value)
+        if self._progs:
             now = time.monotonic()
             if now - self._misses_read >= MISSES_EVERY:  # fdinfo costs ~20 us a program: not every poll
-                self._misses = sum(recursion_misses(fn.fd) for fn in self._bpf.funcs.values())
+                self._misses = sum(recursion_misses(fd) for fd in self._progs)
                 self._misses_read = now
             total += self._misses
         return total
 
     def close(self) -> None:
+        """Detach everything: close the descriptors (ring buffer path) or let bcc clean up (perf path)."""
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self._lost_counter = None
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
+        self._progs = []

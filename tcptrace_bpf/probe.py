@@ -6,6 +6,7 @@ Kept apart from plan.py so the plan is pure and testable; this module only reads
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import platform
 import re
@@ -117,14 +118,30 @@ def kernel_hz() -> Optional[int]:
     return min(_HZ_VALUES, key=lambda hz: abs(hz - rate))
 
 
+def bcc_problem() -> Optional[str]:
+    """Why bcc's Python bindings are not usable, or None.  Found without importing them: importing bcc maps
+    LLVM into the process (~60 MB that stay), and only the loader process needs it (kernel.spawn_loader),
+    which reports an install that is found but broken."""
+    try:
+        spec = importlib.util.find_spec("bcc")
+    except (ImportError, ValueError) as exc:
+        return f"cannot import bcc ({exc})"
+    if spec is None or not spec.origin:
+        return "cannot import bcc (No module named 'bcc')"
+    try:
+        text = Path(spec.origin).read_text(errors="replace")
+    except OSError as exc:
+        return f"cannot read bcc ({exc})"
+    if "class BPF" not in text:
+        return f"the bcc found at {spec.origin} is not the BPF Compiler Collection (PyPI's unrelated 'bcc'?)"
+    return None
+
+
 def probe_kernel(check_bcc: bool = True) -> KernelFacts:
     release = platform.release()
     facts = KernelFacts(release=release, version=kernel_version(release), root=os.geteuid() == 0)
     if check_bcc:
-        try:
-            import bcc  # noqa: F401
-        except Exception as exc:  # ImportError, or a broken install raising anything
-            facts.bcc_error = f"cannot import bcc ({exc})"
+        facts.bcc_error = bcc_problem()
     facts.tracefs = tracefs_path()
     if facts.tracefs:
         for name in TRACEPOINTS:

@@ -17,6 +17,7 @@ from tcptrace_bpf.events import (
     RESET_SENT,
     RETRANSMIT,
     STATE,
+    STATE_NAMES,
     STATE_NUMBERS,
     TIMER_CANCEL,
     TIMER_EXPIRE,
@@ -94,28 +95,47 @@ def event_record(ev: Event, lc: Optional[Lifecycle], reasons: dict[int, str]) ->
     return rec
 
 
-def connection_record(lc: Lifecycle) -> dict[str, Any]:
-    states = []
-    for iv in lc.intervals():
-        states.append({"state": state_name(iv.state), "enter": _r(iv.enter), "leave": _r(iv.leave),
-                       "duration": _r(iv.duration), "source": iv.source})
-    return {
-        "type": "connection", "sock": sock_id(lc.sock), "family": lc.family or None,
-        "laddr": lc.laddr or None, "lport": lc.lport or None, "raddr": lc.raddr or None,
-        "rport": lc.rport or None, "pid": lc.pid, "comm": lc.comm, "pid_source": lc.pid_source,
-        "role": lc.role, "start": _r(lc.start), "end": _r(lc.end), "states": states,
-        "retransmits": lc.retransmits, "resets_sent": lc.resets_sent, "resets_received": lc.resets_received,
-        "keepalive_probes": lc.keepalive_probes, "keepalive_unanswered": lc.keepalive_unanswered,
-        "close": lc.close_kind(), "error": errno_name(lc.error), "time_wait": lc.timewait,
-        "time_wait_end": lc.tw_end_how, "tw": sock_id(lc.tw) if lc.tw is not None else None, "gaps": lc.gaps,
-    }
+def _num(value: Optional[float]) -> str:
+    """A time or duration as JSON text: to the microsecond (the same number round(value, 6) gives, written
+    with six decimals: formatting is several times cheaper than round() and repr()), null when unknown."""
+    return "null" if value is None else f"{value:.6f}"
+
+
+def _int(value: Optional[int]) -> str:
+    return "null" if value is None else str(value)
+
+
+def connection_line(lc: Lifecycle) -> str:
+    """The connection record (one per socket lifetime) as JSON text, built without json.dumps because one is
+    written per socket at connection-storm rates.  Strings go through json.dumps (memoised), so escaping is
+    the json module's; README.md ("Recording format") documents the keys, in this order."""
+    states = ", ".join(
+        f'{{"state": {_STATE_JSON.get(iv.state) or _j(state_name(iv.state))}, "enter": {_num(iv.enter)}, '
+        f'"leave": {_num(iv.leave)}, "duration": {_num(iv.duration)}, "source": {_j(iv.source)}}}'
+        for iv in lc.intervals())
+    tw = "null" if lc.tw is None else f'"0x{lc.tw:x}"'
+    sock = f'"0x{lc.sock:x}"' if lc.sock > 0 else "null"
+    return (
+        f'{{"type": "connection", "sock": {sock}, "family": {lc.family or "null"}, '
+        f'"laddr": {_j(lc.laddr or None)}, "lport": {lc.lport or "null"}, "raddr": {_j(lc.raddr or None)}, '
+        f'"rport": {lc.rport or "null"}, "pid": {_int(lc.pid)}, "comm": {_j(lc.comm)}, '
+        f'"pid_source": {_j(lc.pid_source)}, "role": {_j(lc.role)}, "start": {_num(lc.start)}, '
+        f'"end": {_num(lc.end)}, "states": [{states}], "retransmits": {lc.retransmits}, '
+        f'"resets_sent": {lc.resets_sent}, "resets_received": {lc.resets_received}, '
+        f'"keepalive_probes": {_int(lc.keepalive_probes)}, '
+        f'"keepalive_unanswered": {_int(lc.keepalive_unanswered)}, '
+        f'"close": {_j(lc.close_kind())}, "error": {_j(errno_name(lc.error))}, '
+        f'"time_wait": {"true" if lc.timewait else "false"}, "time_wait_end": {_j(lc.tw_end_how)}, "tw": {tw}, '
+        f'"gaps": {lc.gaps}}}\n'
+    )
 
 
 _json_cache: dict[Any, str] = {}
 
 
 def _j(value: Any) -> str:
-    """JSON text of a small value (comm, address, state name, None), memoised: few distinct values recur."""
+    """JSON text of a small value (comm, address, state name, None), memoised: few distinct values recur.
+    Not for numbers or booleans: True and 1 are the same key."""
     text = _json_cache.get(value)
     if text is None:
         text = json.dumps(value)
@@ -125,12 +145,16 @@ def _j(value: Any) -> str:
     return text
 
 
+_STATE_JSON = {num: json.dumps(name) for num, name in STATE_NAMES.items()}
+
+
 def transition_line(ev: Event, lc: Optional[Lifecycle]) -> str:
     """A transition record as text, built without json.dumps: the one record written per state change, so
     the hot path of recording.  Same keys, order and values as event_record() (tests check they agree)."""
     who = lc if lc is not None else ev
-    line = (f'{{"type": "transition", "ts": {round(ev.ts, 6)!r}, "sock": "0x{ev.sock:x}", '
-            f'"from": {_j(state_name(ev.old))}, "to": {_j(state_name(ev.new))}, "family": {who.family or "null"}, '
+    line = (f'{{"type": "transition", "ts": {ev.ts:.6f}, "sock": "0x{ev.sock:x}", '
+            f'"from": {_STATE_JSON.get(ev.old) or _j(state_name(ev.old))}, '
+            f'"to": {_STATE_JSON.get(ev.new) or _j(state_name(ev.new))}, "family": {who.family or "null"}, '
             f'"laddr": {_j(who.laddr or None)}, "lport": {who.lport or "null"}, "raddr": {_j(who.raddr or None)}, '
             f'"rport": {who.rport or "null"}, ')
     if lc is not None:
@@ -175,7 +199,7 @@ class Recorder:
     def finished(self, lc: Lifecycle) -> None:
         if self.filter.empty or self.filter.match(lc):
             self.connections += 1
-            self._write(connection_record(lc))
+            self.out.write(connection_line(lc))
 
     def tick(self, now: float) -> None:
         if now - self._last_flush >= 0.5:

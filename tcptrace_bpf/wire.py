@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from tcptrace_bpf.events import Event
 
@@ -21,7 +21,12 @@ EVENT_FIELDS = (
 )
 EVENT_STRUCT = struct.Struct("<" + "".join(code for _name, code in EVENT_FIELDS))
 EVENT_SIZE = EVENT_STRUCT.size
+# A ring buffer record as it sits in the map: the kernel's 8-byte header (length, flags, page offset), then
+# the event.  EVENT_SIZE is a multiple of 8, so records follow each other with no padding.
+RING_STRUCT = struct.Struct("<8x" + "".join(code for _name, code in EVENT_FIELDS))
+RING_RECORD_SIZE = RING_STRUCT.size
 
+_AF_INET = socket.AF_INET
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 _ZERO16 = b"\0" * 16
 _addr_cache: dict[bytes, str] = {}
@@ -63,15 +68,33 @@ def family_of(af: int, laddr: str, raddr: str) -> int:
     return 0
 
 
-def decode(chunks: Iterable[bytes], epoch_ns: int) -> Iterator[Event]:
+def decode(chunks: Iterable[bytes], epoch_ns: int) -> list[Event]:
     """Events from raw records; `ts` becomes seconds since `epoch_ns` (CLOCK_MONOTONIC)."""
-    data = b"".join(chunks)
-    for (ts_ns, sk, pid, err, kind, af, sport, dport, old, new, saddr, daddr, comm) in EVENT_STRUCT.iter_unpack(
-        data
-    ):
-        laddr = format_addr(saddr)
-        raddr = format_addr(daddr)
-        yield Event(
-            (ts_ns - epoch_ns) / 1e9, kind, sk, old, new, family_of(af, laddr, raddr), laddr, sport, raddr,
-            dport, pid, _comm(comm), err,
-        )
+    return _events(EVENT_STRUCT.iter_unpack(b"".join(chunks)), epoch_ns)
+
+
+def decode_ring(data: bytes, epoch_ns: int) -> list[Event]:
+    """Events from ring buffer records, headers included (ringbuf.RingReader.take)."""
+    return _events(RING_STRUCT.iter_unpack(data), epoch_ns)
+
+
+def _events(rows: Iterator[tuple[Any, ...]], epoch_ns: int) -> list[Event]:
+    """The per-event loop of the intake path, so written for speed: cache lookups inline, and the Event
+    tuple built directly (a NamedTuple's keyword-capable constructor costs more than the rest together)."""
+    out: list[Event] = []
+    append, make = out.append, tuple.__new__
+    addr, comms = _addr_cache.get, _comm_cache.get
+    for (ts_ns, sk, pid, err, kind, af, sport, dport, old, new, saddr, daddr, comm) in rows:
+        laddr = addr(saddr)
+        if laddr is None:
+            laddr = format_addr(saddr)
+        raddr = addr(daddr)
+        if raddr is None:
+            raddr = format_addr(daddr)
+        name = comms(comm)
+        if name is None:
+            name = _comm(comm)
+        family = 4 if af == _AF_INET else family_of(af, laddr, raddr)
+        append(make(Event, ((ts_ns - epoch_ns) / 1e9, kind, sk, old, new, family, laddr, sport, raddr, dport,
+                            pid, name, err)))
+    return out

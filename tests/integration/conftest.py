@@ -74,8 +74,14 @@ class Collector:
 
 
 class LiveTrace:
-    def __init__(self, phases: Optional[str] = None) -> None:
-        self.source = KernelSource(make_plan(probe_kernel(), phases=phases))
+    def __init__(self, phases: Optional[str] = None, ring_pages: Optional[int] = None) -> None:
+        plan = make_plan(probe_kernel(), phases=phases)
+        if ring_pages is not None:
+            link: Optional[Plan] = plan
+            while link is not None:
+                link.defines["TT_RINGBUF_PAGES"] = ring_pages
+                link = link.fallback
+        self.source = KernelSource(plan)
         self.collector = Collector()
         self.tracer = Tracer(self.source, [self.collector], engine_for(self.plan))
         self.ready = threading.Event()

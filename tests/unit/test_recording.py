@@ -118,3 +118,32 @@ def test_skimmed_lines_are_still_checked_for_shape():
     lines.insert(2, '{"type": "transition", "ts": 1.0, "sock": "0x1", broken\n')
     with pytest.raises(RecordingError, match="t:3: not JSON"):
         list(read_records(io.StringIO("".join(lines)), "t", skim=skim))
+
+
+CONNECTION_KEYS = [
+    "type", "sock", "family", "laddr", "lport", "raddr", "rport", "pid", "comm", "pid_source", "role", "start",
+    "end", "states", "retransmits", "resets_sent", "resets_received", "keepalive_probes", "keepalive_unanswered",
+    "close", "error", "time_wait", "time_wait_end", "tw", "gaps",
+]
+
+
+def test_connection_line_is_valid_json_with_the_schema_keys_in_order():
+    """The connection record is built as text (the writer's hot path): escaping, nulls and key order."""
+    from tcptrace_bpf.engine import Engine
+    from tcptrace_bpf.recording import connection_line
+
+    engine = Engine(grace=0)
+    odd = 'we"ird\\name'
+    for ev in [ev._replace(comm=odd, laddr="fd00::1", raddr="fd00::2", family=6, err=104 if ev.new == 7 else 0)
+               for ev in client_active_close()]:
+        engine.feed(ev)
+    (lc,) = engine.advance(100.0)
+    rec = json.loads(connection_line(lc))
+    assert list(rec) == CONNECTION_KEYS
+    assert rec["comm"] == odd and rec["laddr"] == "fd00::1" and rec["family"] == 6
+    assert rec["sock"] == hex(CLIENT_SK) and rec["tw"] is None and rec["time_wait"] is False
+    assert rec["error"] == "ECONNRESET" and rec["close"] == "reset" and rec["keepalive_probes"] is None
+    assert [s["state"] for s in rec["states"]] == ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]
+    assert rec["states"][1] == {"state": "ESTABLISHED", "enter": lc.intervals()[1].enter,
+                                "leave": round(lc.intervals()[1].leave, 6),
+                                "duration": round(lc.intervals()[1].duration, 6), "source": "exact"}

@@ -1,0 +1,80 @@
+"""How events reach the tracer: the ring buffer read from its memory, and bcc kept out of the tracer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+from tcptrace_bpf.events import ESTABLISHED, FIN_WAIT1, FIN_WAIT2, SYN_SENT, TIME_WAIT
+
+from .conftest import LiveTrace
+from .net import free_port
+from .test_cli_record import start_recorder
+
+
+def test_a_small_ring_buffer_wraps_many_times_and_no_record_is_garbled():
+    """64 KiB of ring (about 680 records) and 300 connections (3,600 events): the reader goes round the
+    ring five times and more, through its double-mapped end.  Every lifetime comes out whole, or its absence
+    is in the lost count (reserves that failed while the ring was full)."""
+    trace = LiveTrace(ring_pages=16)
+    trace.start()
+    try:
+        port = free_port()
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen(64)
+        lports = set()
+        for _ in range(300):
+            c = socket.create_connection(("127.0.0.1", port), timeout=5)
+            lports.add(c.getsockname()[1])
+            a, _ = server.accept()
+            c.close()
+            a.recv(1)
+            a.close()
+            time.sleep(0.005)  # paced, so that the reader keeps up even in an emulated VM
+        server.close()
+        deadline = time.monotonic() + 10
+        while True:
+            clients = trace.wait_for(lambda lc: lc.rport == port and lc.role == "client", count=0, closed=True)
+            lost = trace.lost()
+            if len(clients) + lost >= 300 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        trace.stop()
+    assert lost < 150, (f"the reader fell far behind: {lost} lost ({trace.source._lost_counter.sum()} reserves), "
+                        f"{len(clients)} found, {trace.tracer.engine.events} events")
+    assert len(clients) + lost >= 300
+    whole = [lc for lc in clients if not lc.gaps]
+    assert len(whole) >= 300 - lost
+    for lc in whole:  # a misread record would show as a stray state, address or port
+        assert [iv.state for iv in lc.intervals()] == [SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, TIME_WAIT]
+        assert lc.laddr == lc.raddr == "127.0.0.1" and lc.lport in lports and lc.comm
+
+
+def test_the_tracer_process_holds_no_bcc_and_its_loader_is_gone(tmp_path):
+    """bcc and LLVM are loaded by a child process that exits once the programs are attached: the tracer
+    maps neither, and has no child left, while its probes still deliver."""
+    path = tmp_path / "trace.jsonl"
+    port = free_port()
+    proc = start_recorder(path, "--port", str(port))
+    try:
+        maps = open(f"/proc/{proc.pid}/maps").read()
+        assert "libbcc" not in maps and "libLLVM" not in maps and "libclang" not in maps
+        children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        assert children == []
+        server = socket.socket()
+        server.bind(("127.0.0.1", port))
+        server.listen(1)
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        server.close()
+        time.sleep(0.6)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    text = path.read_text()
+    assert '"to": "SYN_SENT"' in text and '"type": "footer"' in text
+    assert os.path.getsize(path) > 0
