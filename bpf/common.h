@@ -21,7 +21,7 @@
 enum sk_rst_reason { TT_SK_RST_REASON_PLACEHOLDER };
 #endif
 
-BPF_PERCPU_ARRAY(lost, __u64, 1);
+BPF_PERCPU_ARRAY(lost, __u64, TT_KIND_SLOTS);  /* failed reserves, per CPU and event kind */
 
 #ifdef TT_RINGBUF
 BPF_RINGBUF_OUTPUT(events, TT_RINGBUF_PAGES);
@@ -66,14 +66,15 @@ static __always_inline void tt_tuple(struct tt_event *e, __u64 base, int full)
 }
 #endif
 
-static __always_inline struct tt_event *tt_reserve(void)
+/* A record of `kind` to fill and submit, or NULL: the ring buffer is full, counted in lost[kind]. */
+static __always_inline struct tt_event *tt_reserve(__u16 kind)
 {
     struct tt_event *e;
 #ifdef TT_RINGBUF
     e = events.ringbuf_reserve(sizeof(struct tt_event));
     if (!e) {
-        int zero = 0;
-        __u64 *n = lost.lookup(&zero);
+        int slot = kind < TT_KIND_SLOTS ? kind : 0;
+        __u64 *n = lost.lookup(&slot);
         if (n)
             (*n)++;
         return 0;
@@ -85,6 +86,7 @@ static __always_inline struct tt_event *tt_reserve(void)
         return 0;
 #endif
     __u64 id = bpf_get_current_pid_tgid();
+    e->kind = kind;
     e->ts_ns = bpf_ktime_get_ns();
     e->pid = id >> 32;
     e->err = 0;
@@ -114,10 +116,9 @@ static __always_inline void tt_submit(void *ctx, struct tt_event *e)
  * timer (`left`, or read from the timer when negative).  Shared by both ways of seeing the timer. */
 static __always_inline int tt_timewait_event(void *ctx, __u64 tw, __u8 phase, __s64 left)
 {
-    struct tt_event *e = tt_reserve();
+    struct tt_event *e = tt_reserve(TT_TIMEWAIT);
     if (!e)
         return 0;
-    e->kind = TT_TIMEWAIT;
     e->newstate = phase;
     e->skaddr = tw;
     TT_RD(e->oldstate, tw + TT_OFF_TW_SUBSTATE);

@@ -15,10 +15,9 @@ static __always_inline int tt_note_owner(void *ctx, __u64 sk, __u16 family, __u1
     if (seen && *seen == tgid)
         return 0;
     owners.update(&sk, &tgid);
-    struct tt_event *e = tt_reserve();
+    struct tt_event *e = tt_reserve(TT_OWNER);
     if (!e)
         return 0;
-    e->kind = TT_OWNER;
     e->skaddr = sk;
     e->family = family;
     tt_submit(ctx, e);

@@ -49,12 +49,11 @@ TT_HOOK2(tcp_write_wakeup)
     if ((int)TT_ARG1 != TT_MIB_TCPKEEPALIVE)
         return 0;
     __u64 sk = TT_ARG0;
-    struct tt_event *e = tt_reserve();
+    struct tt_event *e = tt_reserve(TT_KEEPALIVE);
     if (!e)
         return 0;
     __u8 probes = 0;
     TT_RD(probes, sk + TT_OFF_ICSK_PROBES_OUT);
-    e->kind = TT_KEEPALIVE;
     e->newstate = TT_KA_PROBE;
     e->skaddr = sk;
     e->oldstate = probes < 255 ? probes + 1 : 255;  /* probes sent and not yet answered, this one included */
@@ -74,10 +73,9 @@ static __always_inline int tt_tw_reset(void *ctx, __u64 sk)
     TT_RD(state, sk + TT_OFF_SKC_STATE);
     if (state != TT_TCP_TIME_WAIT)
         return 0;
-    struct tt_event *e = tt_reserve();
+    struct tt_event *e = tt_reserve(TT_RESET_SENT);
     if (!e)
         return 0;
-    e->kind = TT_RESET_SENT;
     e->skaddr = sk;
     e->oldstate = state;
     e->err = -1;

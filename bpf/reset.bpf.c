@@ -25,10 +25,9 @@ static __always_inline void tt_from_sockaddr(const __u8 *sa, __u8 *addr, __u16 *
 
 TRACEPOINT_PROBE(tcp, tcp_send_reset)
 {
-    struct tt_event *e = tt_reserve();
+    struct tt_event *e = tt_reserve(TT_RESET_SENT);
     if (!e)
         return 0;
-    e->kind = TT_RESET_SENT;
     e->skaddr = (__u64)args->skaddr;
 #ifdef TT_SEND_RESET_HAS_STATE
     e->oldstate = args->state;
@@ -61,10 +60,9 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 RAW_TRACEPOINT_PROBE(tcp_receive_reset)  /* (sk) */
 {
     __u64 sk = ctx->args[0];
-    struct tt_event *e = tt_reserve();
+    struct tt_event *e = tt_reserve(TT_RESET_RECV);
     if (!e)
         return 0;
-    e->kind = TT_RESET_RECV;
     e->skaddr = sk;
     tt_tuple(e, sk, 1);
     tt_submit(ctx, e);
@@ -73,10 +71,9 @@ RAW_TRACEPOINT_PROBE(tcp_receive_reset)  /* (sk) */
 #else
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
-    struct tt_event *e = tt_reserve();
+    struct tt_event *e = tt_reserve(TT_RESET_RECV);
     if (!e)
         return 0;
-    e->kind = TT_RESET_RECV;
     e->skaddr = (__u64)args->skaddr;
 #ifdef TT_RECEIVE_RESET_HAS_FAMILY
     e->family = args->family;

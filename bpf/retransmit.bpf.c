@@ -9,10 +9,9 @@
 #ifdef TT_RETRANSMIT_KPROBE
 int kprobe__tcp_retransmit_skb(struct pt_regs *ctx)
 {
-    struct tt_event *e = tt_reserve();
+    struct tt_event *e = tt_reserve(TT_RETRANSMIT);
     if (!e)
         return 0;
-    e->kind = TT_RETRANSMIT;
     e->skaddr = (__u64)PT_REGS_PARM1(ctx);
     e->err = -1;
     tt_submit(ctx, e);
@@ -26,10 +25,9 @@ RAW_TRACEPOINT_PROBE(tcp_retransmit_skb)  /* (sk, skb[, err]) */
         return 0;
 #endif
     __u64 sk = ctx->args[0];
-    struct tt_event *e = tt_reserve();
+    struct tt_event *e = tt_reserve(TT_RETRANSMIT);
     if (!e)
         return 0;
-    e->kind = TT_RETRANSMIT;
     e->skaddr = sk;
     TT_RD(e->oldstate, sk + TT_OFF_SKC_STATE);
     tt_tuple(e, sk, 1);
@@ -43,10 +41,9 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     if (args->err != 0)
         return 0;
 #endif
-    struct tt_event *e = tt_reserve();
+    struct tt_event *e = tt_reserve(TT_RETRANSMIT);
     if (!e)
         return 0;
-    e->kind = TT_RETRANSMIT;
     e->skaddr = (__u64)args->skaddr;
 #ifdef TT_RETRANSMIT_HAS_STATE
     e->oldstate = args->state;

@@ -14,10 +14,9 @@ static __always_inline struct tt_event *tt_state_event(__u64 sk, int oldstate, i
     if (newstate == TT_TCP_CLOSE)
         owners.delete(&sk);
 #endif
-    struct tt_event *e = tt_reserve();
+    struct tt_event *e = tt_reserve(TT_STATE);
     if (!e)
         return 0;
-    e->kind = TT_STATE;
     e->skaddr = sk;
     e->oldstate = oldstate;
     e->newstate = newstate;

@@ -20,6 +20,8 @@ enum tt_kind {
     TT_KEEPALIVE = 7,    /* a keepalive probe went out: newstate = TT_KA_PROBE, oldstate = probes unanswered */
 };
 
+#define TT_KIND_SLOTS 8  /* enum tt_kind values fit below this: the lost counter has a slot per kind */
+
 enum tt_phase {
     TT_TIMER_START = 1,  /* armed: the timewait socket was created, or re-armed (FIN_WAIT2 -> TIME_WAIT) */
     TT_TIMER_CANCEL = 2, /* stopped before it ran: killed early, unless a start follows (a re-arm) */

@@ -65,10 +65,9 @@ RAW_TRACEPOINT_PROBE(timer_expire_exit)
     TT_RD(probes, sk + TT_OFF_ICSK_PROBES_OUT);
     if (probes <= *before)
         return 0;  /* no probe went out: a reschedule, or the socket is not in keepalive */
-    struct tt_event *e = tt_reserve();
+    struct tt_event *e = tt_reserve(TT_KEEPALIVE);
     if (!e)
         return 0;
-    e->kind = TT_KEEPALIVE;
     e->newstate = TT_KA_PROBE;
     e->skaddr = sk;
     e->oldstate = probes;  /* probes sent and not yet answered, this one included */

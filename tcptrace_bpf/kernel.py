@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tcptrace_bpf import wire
-from tcptrace_bpf.events import Event
+from tcptrace_bpf.events import KIND_NAMES, RESET_RECV, RESET_SENT, RETRANSMIT, STATE, TIMEWAIT, Event
 from tcptrace_bpf.plan import Plan
-from tcptrace_bpf.ringbuf import PerCpuCounter, RingReader
+from tcptrace_bpf.ringbuf import PerCpuCounters, RingReader
 
 MISSES_EVERY = 0.5
 # After a wake-up with little waiting, let a batch gather: each poll costs the tracer a fixed amount (the
@@ -71,6 +71,23 @@ def recursion_misses(prog_fd: int) -> int:
     except OSError:
         pass
     return 0
+
+
+# Programs whose every run is one event of a kind (by function name; bcc names them after the hook), so a
+# run the kernel skipped is a lost event of that kind.  The others filter (a timer tracepoint sees every
+# kernel timer, socket I/O every socket, tcp_write_wakeup window probes too, tcp_v4_send_reset full sockets
+# too): a skipped run of theirs may not have been an event.
+_EVERY_RUN_AN_EVENT = (("inet_sock_set_state", STATE), ("tcp_retransmit_skb", RETRANSMIT),
+                       ("tcp_send_reset", RESET_SENT), ("tcp_receive_reset", RESET_RECV),
+                       ("inet_twsk", TIMEWAIT), ("tw_timer_handler", TIMEWAIT))
+
+
+def program_kind(name: str) -> Optional[int]:
+    """The event kind each run of program `name` emits, or None for a program that filters."""
+    for hook, kind in _EVERY_RUN_AN_EVENT:
+        if hook in name:
+            return kind
+    return None
 
 
 class SourceError(Exception):
@@ -162,7 +179,7 @@ def spawn_loader(plan: Plan) -> dict[str, Any]:
     mine = dict(zip(answer["fds"], fds))
     answer["fds"] = fds
     answer["maps"] = {name: mine[fd] for name, fd in answer["maps"].items()}
-    answer["progs"] = [mine[fd] for fd in answer["progs"]]
+    answer["progs"] = {name: mine[fd] for name, fd in answer["progs"].items()}
     return answer
 
 
@@ -178,12 +195,12 @@ class KernelSource:
         self.epoch_ns = 0
         self._bpf: Any = None
         self._ring: Optional[RingReader] = None
-        self._lost_counter: Optional[PerCpuCounter] = None
+        self._lost_counters: Optional[PerCpuCounters] = None
         self._fds: list[int] = []
-        self._progs: list[int] = []
+        self._progs: dict[str, int] = {}
         self._chunks: list[bytes] = []
         self._perf_lost = 0
-        self._misses = 0
+        self._misses: dict[str, int] = {}
         self._misses_read = float("-inf")
 
     def start(self) -> None:
@@ -193,7 +210,7 @@ class KernelSource:
             self.plan, self._fds, self._progs = answer["plan"], answer["fds"], answer["progs"]
             try:
                 self._ring = RingReader(answer["maps"]["events"])
-                self._lost_counter = PerCpuCounter(answer["maps"]["lost"])
+                self._lost_counters = PerCpuCounters(answer["maps"]["lost"])
             except (OSError, ValueError) as exc:
                 self.close()
                 raise SourceError(f"reading the ring buffer: {exc}") from exc
@@ -203,7 +220,7 @@ class KernelSource:
 
     def _start_perf(self) -> None:
         self._bpf, self.plan = load_with_fallbacks(self.plan)
-        self._progs = [fn.fd for fn in self._bpf.funcs.values()]
+        self._progs = {name.decode(): fn.fd for name, fn in self._bpf.funcs.items()}
         chunks = self._chunks
         size = wire.EVENT_SIZE
 
@@ -241,34 +258,58 @@ class KernelSource:
         return wire.decode(chunks, self.epoch_ns)
 
     def lost(self) -> int:
-        """Events not delivered so far: failed ring-buffer reserves on every CPU (or perf-buffer losses), plus
-        runs the kernel skipped.  A tracepoint program is not run when another BPF program is already
-        running on that CPU (the per-CPU recursion guard: a softirq that interrupted one); the kernel counts
-        those per program as recursion_misses (5.12+), read here from the program's fdinfo.
+        """Events not delivered so far, counting every skipped run of a filtering hook as one (see
+        lost_detail): what the engine takes into account when it judges a lifecycle."""
+        detail = self.lost_detail()
+        return sum(detail["lost_by_kind"].values()) + detail["skipped_runs"]
+
+    def lost_detail(self) -> dict[str, Any]:
+        """What was not delivered, by what is certain: {"lost_by_kind": {kind name: events}, "skipped_runs": n}.
+
+        lost_by_kind: failed ring-buffer reserves, counted by the programs per event kind; plus runs the kernel
+        skipped of programs whose every run is an event (a tracepoint program is not run while another BPF
+        program runs on that CPU, a softirq that interrupted one: counted per program as recursion_misses,
+        5.12+, read from the program's fdinfo).  Perf-buffer losses and ring records of an unknown size are
+        "unattributed".  skipped_runs: skipped runs of programs that filter (timer tracepoints see every
+        kernel timer, socket I/O every socket): each may or may not have been an event.
         """
-        total = self._perf_lost
-        if self._lost_counter is not None:
-            total += self._lost_counter.sum() + (self._ring.unknown if self._ring is not None else 0)
+        by_kind: dict[str, int] = {}
+        if self._lost_counters is not None:
+            for kind, count in enumerate(self._lost_counters.sums()):
+                if count:
+                    by_kind[KIND_NAMES.get(kind, "unattributed")] = count
         elif self._bpf is not None:
-            total += int(self._bpf[b"lost"].sum(0).value)
+            for kind in range(len(self._bpf[b"lost"])):
+                count = int(self._bpf[b"lost"].sum(kind).value)
+                if count:
+                    by_kind[KIND_NAMES.get(kind, "unattributed")] = count
+        unattributed = self._perf_lost + (self._ring.unknown if self._ring is not None else 0)
+        if unattributed:
+            by_kind["unattributed"] = by_kind.get("unattributed", 0) + unattributed
+        skipped = 0
         if self._progs:
             now = time.monotonic()
             if now - self._misses_read >= MISSES_EVERY:  # fdinfo costs ~20 us a program: not every poll
-                self._misses = sum(recursion_misses(fd) for fd in self._progs)
+                self._misses = {name: recursion_misses(fd) for name, fd in self._progs.items()}
                 self._misses_read = now
-            total += self._misses
-        return total
+            for name, count in self._misses.items():
+                kind = program_kind(name)
+                if kind is None:
+                    skipped += count
+                elif count:
+                    by_kind[KIND_NAMES[kind]] = by_kind.get(KIND_NAMES[kind], 0) + count
+        return {"lost_by_kind": by_kind, "skipped_runs": skipped}
 
     def close(self) -> None:
         """Detach everything: close the descriptors (ring buffer path) or let bcc clean up (perf path)."""
         if self._ring is not None:
             self._ring.close()
             self._ring = None
-        self._lost_counter = None
+        self._lost_counters = None
         for fd in self._fds:
             os.close(fd)
         self._fds = []
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
-        self._progs = []
+        self._progs = {}

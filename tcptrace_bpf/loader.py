@@ -11,7 +11,7 @@ also when the tracer dies.
 
 Protocol, on a SOCK_SEQPACKET pair: the tracer sends the pickled Plan; the loader answers with one message,
 a pickled dict: {"plan": the plan that loaded (a refused phase mode falls back), "fds": the loader's fd
-numbers in the order they are attached, "maps": {"events": fd, "lost": fd}, "progs": [fd, ...]} with the
+numbers in the order they are attached, "maps": {"events": fd, "lost": fd}, "progs": {function name: fd}} with the
 descriptors attached, or {"error": why} without.  Only our own processes are on either end.
 """
 
@@ -59,7 +59,7 @@ def serve(sock: socket.socket) -> None:
     message: dict[str, Any] = {
         "plan": plan, "fds": bpf_fds(sock.fileno()),
         "maps": {"events": bpf[b"events"].map_fd, "lost": bpf[b"lost"].map_fd},
-        "progs": [fn.fd for fn in bpf.funcs.values()],
+        "progs": {name.decode(): fn.fd for name, fn in bpf.funcs.items()},
     }
     socket.send_fds(sock, [pickle.dumps(message)], message["fds"])
 

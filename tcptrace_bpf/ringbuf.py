@@ -63,21 +63,28 @@ class _LookupAttr(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class PerCpuCounter:
-    """Slot 0 of a BPF_MAP_TYPE_PERCPU_ARRAY of u64, summed over the CPUs (the `lost` counter)."""
+class PerCpuCounters:
+    """A BPF_MAP_TYPE_PERCPU_ARRAY of u64 (the `lost` counters, one slot per event kind), summed over CPUs."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.slots = int(fdinfo(fd)["max_entries"])
         self._key = ctypes.c_uint32(0)
         self._values = (ctypes.c_uint64 * possible_cpus())()
         self._attr = _LookupAttr(map_fd=fd, key=ctypes.addressof(self._key),
                                  value=ctypes.addressof(self._values))
 
-    def sum(self) -> int:
-        if _libc.syscall(SYS_BPF, BPF_MAP_LOOKUP_ELEM, ctypes.byref(self._attr), ctypes.sizeof(self._attr)) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"reading a per-CPU counter: {os.strerror(err)}")
-        return sum(self._values)
+    def sums(self) -> list[int]:
+        """Each slot's total over the CPUs."""
+        out = []
+        for slot in range(self.slots):
+            self._key.value = slot
+            if _libc.syscall(SYS_BPF, BPF_MAP_LOOKUP_ELEM, ctypes.byref(self._attr),
+                             ctypes.sizeof(self._attr)) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"reading a per-CPU counter: {os.strerror(err)}")
+            out.append(sum(self._values))
+        return out
 
 
 class RingReader:

@@ -135,6 +135,8 @@ class Tracer:
                     for sink in self.sinks:
                         sink.finished(lc)
             now = self.source.now()
+            lost_detail = getattr(self.source, "lost_detail", None)
+            detail = lost_detail() if lost_detail is not None else {}
         finally:
             self.source.close()
         cpu = os.times()
@@ -142,7 +144,7 @@ class Tracer:
         footer = {
             "ts": round(now, 6), "reason": self.stop_reason, "lost_events": engine.lost, "events": engine.events,
             "events_by_kind": {KIND_NAMES.get(k, str(k)): n for k, n in sorted(engine.by_kind.items())},
-            "gaps": engine.gaps, "evicted": engine.evicted,
+            **detail, "gaps": engine.gaps, "evicted": engine.evicted,
             "cpu_seconds": round((cpu.user - self._cpu_start.user) + (cpu.system - self._cpu_start.system), 3),
         }
         for sink in self.sinks:

@@ -1,4 +1,5 @@
-"""Taking records out of a ring buffer's memory: committed ones only, whole, in order."""
+"""Delivery: records taken out of a ring buffer's memory (committed ones only, whole, in order), and which
+skipped program runs count as lost events."""
 
 from __future__ import annotations
 
@@ -39,3 +40,17 @@ def test_nothing_committed_moves_nothing():
 
 def test_possible_cpus_counts_this_machine():
     assert possible_cpus() >= 1
+
+
+def test_which_skipped_program_runs_are_certain_losses():
+    """A run the kernel skipped is a lost event only for a program whose every run is one (by bcc's names)."""
+    from tcptrace_bpf.events import RESET_SENT, STATE, TIMEWAIT
+    from tcptrace_bpf.kernel import program_kind
+
+    assert program_kind("raw_tracepoint__inet_sock_set_state") == STATE
+    assert program_kind("tracepoint__tcp__tcp_send_reset") == RESET_SENT
+    assert program_kind("kfunc____inet_twsk_schedule") == TIMEWAIT
+    assert program_kind("kprobe__tw_timer_handler") == TIMEWAIT
+    for filtering in ("raw_tracepoint__timer_start", "raw_tracepoint__sock_send_length",
+                      "kprobe__tcp_write_wakeup", "kprobe__tcp_v4_send_reset", "kfunc__tcp_v6_send_reset"):
+        assert program_kind(filtering) is None
