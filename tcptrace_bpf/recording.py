@@ -148,23 +148,38 @@ def _j(value: Any) -> str:
 _STATE_JSON = {num: json.dumps(name) for num, name in STATE_NAMES.items()}
 
 
+def _hex(sock: Optional[int]) -> str:
+    return f'"0x{sock:x}"' if sock else "null"
+
+
+def _who(ev: Event, lc: Optional[Lifecycle]) -> str:
+    """The socket's tuple and owner as JSON members, as event_record() writes them after its own keys."""
+    who = lc if lc is not None else ev
+    text = (f'"family": {who.family or "null"}, "laddr": {_j(who.laddr or None)}, "lport": {who.lport or "null"}, '
+            f'"raddr": {_j(who.raddr or None)}, "rport": {who.rport or "null"}, ')
+    if lc is None:
+        return text + '"pid": null, "comm": null, "pid_source": null'
+    return text + (f'"pid": {"null" if lc.pid is None else lc.pid}, "comm": {_j(lc.comm)}, '
+                   f'"pid_source": {_j(lc.pid_source)}')
+
+
 def transition_line(ev: Event, lc: Optional[Lifecycle]) -> str:
     """A transition record as text, built without json.dumps: the one record written per state change, so
     the hot path of recording.  Same keys, order and values as event_record() (tests check they agree)."""
-    who = lc if lc is not None else ev
     line = (f'{{"type": "transition", "ts": {ev.ts:.6f}, "sock": "0x{ev.sock:x}", '
             f'"from": {_STATE_JSON.get(ev.old) or _j(state_name(ev.old))}, '
-            f'"to": {_STATE_JSON.get(ev.new) or _j(state_name(ev.new))}, "family": {who.family or "null"}, '
-            f'"laddr": {_j(who.laddr or None)}, "lport": {who.lport or "null"}, "raddr": {_j(who.raddr or None)}, '
-            f'"rport": {who.rport or "null"}, ')
-    if lc is not None:
-        line += (f'"pid": {"null" if lc.pid is None else lc.pid}, "comm": {_j(lc.comm)}, '
-                 f'"pid_source": {_j(lc.pid_source)}')
-    else:
-        line += '"pid": null, "comm": null, "pid_source": null'
+            f'"to": {_STATE_JSON.get(ev.new) or _j(state_name(ev.new))}, {_who(ev, lc)}')
     if ev.err:
         line += f', "error": {_j(errno_name(ev.err))}'
     return line + "}\n"
+
+
+def timewait_line(ev: Event, lc: Optional[Lifecycle]) -> str:
+    """A timewait record as text (one or two per connection that ends in TIME_WAIT), like transition_line."""
+    return (f'{{"type": "timewait", "ts": {ev.ts:.6f}, "tw": {_hex(ev.sock)}, '
+            f'"event": {_j(TIMER_EVENTS.get(ev.new))}, '
+            f'"substate": {_STATE_JSON.get(ev.old) or _j(state_name(ev.old))}, '
+            f'"left_jiffies": {ev.err}, "sock": {_hex(lc.sock if lc is not None else None)}, {_who(ev, lc)}}}\n')
 
 
 class Recorder:
@@ -191,6 +206,9 @@ class Recorder:
             return
         if ev.kind == STATE:
             self.out.write(transition_line(ev, lc))
+            return
+        if ev.kind == TIMEWAIT:
+            self.out.write(timewait_line(ev, lc))
             return
         rec = event_record(ev, lc, self.reasons)
         if rec is not None:

@@ -118,3 +118,42 @@ def test_lost_events_are_counted_by_kind_when_the_ring_buffer_is_full():
     # 10 per connection and the listener's own two; other sockets on this host may have changed state meanwhile
     # (and been lost too): a little slack above
     assert 502 <= len(ours) + lost_states <= 520, (len(ours), detail)
+
+
+def test_the_perf_buffer_path_of_kernels_before_5_8_delivers_too():
+    """Kernels before 5.8 have no ring buffer: bcc stays in the process and its perf buffer reader delivers.
+    Forced here on a kernel that has both, so that path runs somewhere."""
+    from tcptrace_bpf.events import STATE
+    from tcptrace_bpf.kernel import KernelSource
+    from tcptrace_bpf.plan import make_plan
+    from tcptrace_bpf.probe import probe_kernel
+
+    plan = link = make_plan(probe_kernel())
+    while link is not None:
+        link.ringbuf = False
+        link.defines.pop("TT_RINGBUF", None)
+        link.defines.pop("TT_RINGBUF_PAGES", None)
+        link = link.fallback
+    source = KernelSource(plan)
+    source.start()
+    try:
+        assert source._bpf is not None and source._ring is None
+        port = free_port()
+        server = socket.socket()
+        server.bind(("127.0.0.1", port))
+        server.listen(1)
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        a, _ = server.accept()
+        c.close()
+        a.close()
+        server.close()
+        events = []
+        deadline = time.monotonic() + 5
+        while len(events) < 10 and time.monotonic() < deadline:
+            events += [ev for ev in source.poll(100) if ev.kind == STATE and port in (ev.lport, ev.rport)]
+        detail = source.lost_detail()
+    finally:
+        source.close()
+    # the listener's, and both ends' up to where the two closes leave them: at least 10 state changes
+    assert len(events) >= 10
+    assert detail == {"lost_by_kind": {}, "skipped_runs": 0}

@@ -95,18 +95,29 @@ def test_port_filter_excludes_other_listeners_and_socketless_resets():
     assert [r["type"] for r in recs] == ["header", "footer"]
 
 
-def test_fast_transition_line_is_the_same_record():
+def test_fast_lines_are_the_same_records():
+    """transition_line and timewait_line build text for the hot path; event_record is the reference."""
     import json as _json
 
     from tcptrace_bpf.engine import Engine
-    from tcptrace_bpf.recording import event_record, transition_line
+    from tcptrace_bpf.events import TIME_WAIT, TIMER_CANCEL, TIMER_EXPIRE, TIMER_START, TIMEWAIT
+    from tcptrace_bpf.recording import event_record, timewait_line, transition_line
 
-    engine = Engine()
-    for ev in client_active_close() + [ev._replace(comm='we"ird\\name', err=104) for ev in client_active_close(9)]:
+    engine = Engine(timers=True)
+    tw = other(TIMEWAIT, 2.5, 0xFFFF9999, old=TIME_WAIT, err=15000)
+    stream = (client_active_close() + [tw._replace(new=TIMER_START), tw._replace(ts=3.0, new=TIMER_CANCEL),
+                                       tw._replace(ts=3.0, new=TIMER_START), tw._replace(ts=62.5, new=TIMER_EXPIRE),
+                                       tw._replace(ts=63.0, sock=0xFFFF7777, new=TIMER_START, lport=1)]
+              + [ev._replace(comm='we"ird\\name', err=104) for ev in client_active_close(9)])
+    kinds = set()
+    for ev in stream:
         lc = engine.feed(ev)
-        if ev.kind == 1:
-            assert _json.loads(transition_line(ev, lc)) == event_record(ev, lc, {})
-            assert list(_json.loads(transition_line(ev, lc))) == list(event_record(ev, lc, {}))
+        line = {1: transition_line, TIMEWAIT: timewait_line}.get(ev.kind)
+        if line is not None:
+            kinds.add((ev.kind, lc is not None))
+            assert _json.loads(line(ev, lc)) == event_record(ev, lc, {})
+            assert list(_json.loads(line(ev, lc))) == list(event_record(ev, lc, {}))
+    assert kinds == {(1, True), (TIMEWAIT, True), (TIMEWAIT, False)}  # with and without a lifecycle
 
 
 def test_skimmed_lines_are_still_checked_for_shape():
