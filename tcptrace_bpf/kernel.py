@@ -163,6 +163,8 @@ def spawn_loader(plan: Plan) -> dict[str, Any]:
         try:
             ours.send(pickle.dumps(plan))
             data, fds, _flags, _addr = socket.recv_fds(ours, 1 << 20, 4096)
+        except OSError:  # the loader died before it read the plan (what it printed is on stderr)
+            data, fds = b"", []
         finally:
             proc.wait()
     if not data:

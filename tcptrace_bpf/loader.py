@@ -21,6 +21,7 @@ import os
 import pickle
 import socket
 import sys
+import traceback
 from typing import Any
 
 ANON_KINDS = ("anon_inode:bpf", "anon_inode:[perf_event]", "anon_inode:btf")
@@ -66,13 +67,16 @@ def serve(sock: socket.socket) -> None:
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
+    code = 0
     try:
         serve(sock)
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Not a normal exit: bcc's atexit clean-up would detach the programs the tracer now holds.
-        os._exit(0)
+    except BaseException:  # a bug or an interrupt: say what, and let the tracer see no answer
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not a normal exit: bcc's atexit clean-up would detach the programs the tracer now holds.
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -73,14 +73,20 @@ class Collector:
         self.footer = footer
 
 
+def every_plan(plan: Plan, change: Callable[[Plan], Any]) -> Plan:
+    """Apply `change` to the plan and to each fallback it chains (the one that loads may be any of them)."""
+    link: Optional[Plan] = plan
+    while link is not None:
+        change(link)
+        link = link.fallback
+    return plan
+
+
 class LiveTrace:
     def __init__(self, phases: Optional[str] = None, ring_pages: Optional[int] = None) -> None:
         plan = make_plan(probe_kernel(), phases=phases)
         if ring_pages is not None:
-            link: Optional[Plan] = plan
-            while link is not None:
-                link.defines["TT_RINGBUF_PAGES"] = ring_pages
-                link = link.fallback
+            every_plan(plan, lambda link: link.defines.update(TT_RINGBUF_PAGES=ring_pages))
         self.source = KernelSource(plan)
         self.collector = Collector()
         self.tracer = Tracer(self.source, [self.collector], engine_for(self.plan))

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -24,6 +25,29 @@ def free_port(host: str = "127.0.0.1", family: int = socket.AF_INET) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def close_many(count: int, pause: float = 0.0) -> tuple[int, list[int]]:
+    """`count` loopback connections to a listener on a free port, one after another, each closed by the
+    client first (its end goes to TIME_WAIT) and then by the server once it reads EOF: 10 state changes each,
+    plus the listener's own two.  Returns the listener's port and the clients' local ports."""
+    port = free_port()
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(64)
+    lports = []
+    for _ in range(count):
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        lports.append(c.getsockname()[1])
+        a, _ = server.accept()
+        c.close()
+        a.recv(1)
+        a.close()
+        if pause:
+            time.sleep(pause)
+    server.close()
+    return port, lports
 
 
 def run(*cmd: str) -> None:

@@ -27,7 +27,7 @@ from tcptrace_bpf.events import (
     TIME_WAIT,
 )
 
-from .net import Peer, free_port
+from .net import Peer, close_many, free_port
 
 TOL = 0.15
 ME = os.getpid()
@@ -203,19 +203,8 @@ def test_shutdown_write_then_peer_closes(live):
 
 def test_address_reuse_many_connections_no_gaps(live):
     """200 sequential connections: kernel socket addresses are reused; every lifetime must stand alone."""
-    port = free_port()
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", port))
-    s.listen(64)
     lost_before = live.lost()
-    for _ in range(200):
-        c = socket.create_connection(("127.0.0.1", port), timeout=5)
-        a, _ = s.accept()
-        c.close()
-        a.recv(1)
-        a.close()
-    s.close()
+    port, _lports = close_many(200)
     # Every lifetime is found, or its absence is accounted for by events the tracer counted as lost (a classic
     # tracepoint run the kernel skipped under its recursion guard can happen even at this rate): never silent.
     deadline = time.monotonic() + 10
