@@ -131,12 +131,14 @@ class LiveApp:
             closes = list(self.view.closes)
             windows = self.view.diagnoser.diagnose_windows(now)
             lost, events = self.engine.lost, self.engine.events
+        lost_detail = getattr(source, "lost_detail", None)  # reads kernel counters: outside the lock
+        skipped = lost_detail()["skipped_runs"] if lost_detail is not None else 0
         mine = open_sockets if self.filter.empty else [lc for lc in open_sockets if self.filter.match(lc, True)]
         diagnoses = self.view.diagnoser.diagnose_open(mine, now) + windows
         snap = take_snapshot(
             open_sockets, closes, now, uptime=now, hooks=self.hooks, lost=lost, events=events,
             history=self.history, flt=self.filter, sort=self.sort, state_filter=self.state_filter,
-            limit=self._rows, paused=self.paused, diagnoses=diagnoses)
+            limit=self._rows, paused=self.paused, diagnoses=diagnoses, skipped=min(skipped, lost))
         snap.notice = self.notice
         self._rows = rows_that_fit(height, len(snap.counts), len(snap.diagnoses))
         self._last = snap

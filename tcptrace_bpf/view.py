@@ -82,6 +82,7 @@ class Snapshot:
     closes: list[tuple[float, str, str, str]]  # (end, endpoints, close kind, timeline)
     diagnoses: list[Diagnosis]
     notice: str = ""
+    skipped: int = 0  # of `lost`: skipped runs of filtering hooks, which may not have been events
 
 
 @dataclass
@@ -122,7 +123,7 @@ def row_of(lc: Lifecycle, now: float) -> Row:
 def take_snapshot(open_sockets: Iterable[Lifecycle], closes: Iterable[Lifecycle], now: float, *, uptime: float,
                   hooks: str, lost: int, events: int, history: History, flt: Filter, sort: str,
                   state_filter: Optional[str], limit: int, paused: bool,
-                  diagnoses: list[Diagnosis]) -> Snapshot:
+                  diagnoses: list[Diagnosis], skipped: int = 0) -> Snapshot:
     by_state: dict[int, int] = {}
     chosen: list[Lifecycle] = []
     tracked = 0
@@ -147,6 +148,7 @@ def take_snapshot(open_sockets: Iterable[Lifecycle], closes: Iterable[Lifecycle]
         paused=paused, sort=sort, state_filter=state_filter, counts=counts,
         trends={name: list(values) for name, values in history.counts.items()},
         rows=[row_of(lc, now) for lc in top], matching=len(chosen), closes=recent, diagnoses=diagnoses,
+        skipped=skipped,
     )
 
 
@@ -171,6 +173,8 @@ def render_header(snap: Snapshot) -> Text:
     text.append("tcptrace-bpf live", style="bold")
     text.append(f"  up {age(snap.uptime)}  {snap.events_per_sec:,.0f} events/s  ")
     text.append(f"lost {snap.lost}", style="bold red" if snap.lost else "green")
+    if snap.skipped:  # counted lost to be safe, but a filtering hook's skipped run may not have been an event
+        text.append(f" ({snap.skipped} maybe not events)", style="red")
     text.append(f"  sockets {snap.tracked}")
     if snap.paused:
         text.append("  PAUSED", style="bold yellow")

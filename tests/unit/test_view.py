@@ -106,7 +106,9 @@ def test_header_lost_events_and_diagnoses():
     text = text_of(render(snap))
     assert "lost 17" in text and "sockets 3" in text and "!! CLOSE_WAIT piling up: 9" in text
     quiet = text_of(render(snapshot(stuck_engine(), now=32)))
-    assert "lost 0" in quiet and "diagnoses: nothing stands out" in quiet
+    assert "lost 0" in quiet and "maybe" not in quiet and "diagnoses: nothing stands out" in quiet
+    unsure = text_of(render(snapshot(stuck_engine(), now=32, lost=17, skipped=5)))
+    assert "lost 17 (5 maybe not events)" in unsure
 
 
 def test_keys_cycle_sort_filter_pause_quit():
