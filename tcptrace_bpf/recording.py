@@ -113,10 +113,8 @@ def connection_line(lc: Lifecycle) -> str:
         f'{{"state": {_STATE_JSON.get(iv.state) or _j(state_name(iv.state))}, "enter": {_num(iv.enter)}, '
         f'"leave": {_num(iv.leave)}, "duration": {_num(iv.duration)}, "source": {_j(iv.source)}}}'
         for iv in lc.intervals())
-    tw = "null" if lc.tw is None else f'"0x{lc.tw:x}"'
-    sock = f'"0x{lc.sock:x}"' if lc.sock > 0 else "null"
     return (
-        f'{{"type": "connection", "sock": {sock}, "family": {lc.family or "null"}, '
+        f'{{"type": "connection", "sock": {_hex(lc.sock)}, "family": {lc.family or "null"}, '
         f'"laddr": {_j(lc.laddr or None)}, "lport": {lc.lport or "null"}, "raddr": {_j(lc.raddr or None)}, '
         f'"rport": {lc.rport or "null"}, "pid": {_int(lc.pid)}, "comm": {_j(lc.comm)}, '
         f'"pid_source": {_j(lc.pid_source)}, "role": {_j(lc.role)}, "start": {_num(lc.start)}, '
@@ -125,8 +123,8 @@ def connection_line(lc: Lifecycle) -> str:
         f'"keepalive_probes": {_int(lc.keepalive_probes)}, '
         f'"keepalive_unanswered": {_int(lc.keepalive_unanswered)}, '
         f'"close": {_j(lc.close_kind())}, "error": {_j(errno_name(lc.error))}, '
-        f'"time_wait": {"true" if lc.timewait else "false"}, "time_wait_end": {_j(lc.tw_end_how)}, "tw": {tw}, '
-        f'"gaps": {lc.gaps}}}\n'
+        f'"time_wait": {"true" if lc.timewait else "false"}, "time_wait_end": {_j(lc.tw_end_how)}, '
+        f'"tw": {_hex(lc.tw)}, "gaps": {lc.gaps}}}\n'
     )
 
 
@@ -149,7 +147,8 @@ _STATE_JSON = {num: json.dumps(name) for num, name in STATE_NAMES.items()}
 
 
 def _hex(sock: Optional[int]) -> str:
-    return f'"0x{sock:x}"' if sock else "null"
+    """sock_id() as JSON text: null for no socket and for one known only from the snapshot (negative)."""
+    return f'"0x{sock:x}"' if sock is not None and sock > 0 else "null"
 
 
 def _who(ev: Event, lc: Optional[Lifecycle]) -> str:

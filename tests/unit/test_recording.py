@@ -118,6 +118,13 @@ def test_fast_lines_are_the_same_records():
             assert _json.loads(line(ev, lc)) == event_record(ev, lc, {})
             assert list(_json.loads(line(ev, lc))) == list(event_record(ev, lc, {}))
     assert kinds == {(1, True), (TIMEWAIT, True), (TIMEWAIT, False)}  # with and without a lifecycle
+    # a timewait socket adopted from the snapshot: its lifecycle has no kernel address (negative), so null
+    from tcptrace_bpf.engine import Lifecycle
+
+    adopted = Lifecycle(-1, None, TIME_WAIT, None)
+    ev = tw._replace(new=TIMER_EXPIRE)
+    assert _json.loads(timewait_line(ev, adopted)) == event_record(ev, adopted, {})
+    assert _json.loads(timewait_line(ev, adopted))["sock"] is None
 
 
 def test_skimmed_lines_are_still_checked_for_shape():
