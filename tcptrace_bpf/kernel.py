@@ -275,16 +275,13 @@ class KernelSource:
         "unattributed".  skipped_runs: skipped runs of programs that filter (timer tracepoints see every
         kernel timer, socket I/O every socket): each may or may not have been an event.
         """
-        by_kind: dict[str, int] = {}
+        sums: list[int] = []
         if self._lost_counters is not None:
-            for kind, count in enumerate(self._lost_counters.sums()):
-                if count:
-                    by_kind[KIND_NAMES.get(kind, "unattributed")] = count
+            sums = self._lost_counters.sums()
         elif self._bpf is not None:
-            for kind in range(len(self._bpf[b"lost"])):
-                count = int(self._bpf[b"lost"].sum(kind).value)
-                if count:
-                    by_kind[KIND_NAMES.get(kind, "unattributed")] = count
+            table = self._bpf[b"lost"]
+            sums = [int(table.sum(kind).value) for kind in range(len(table))]
+        by_kind = {KIND_NAMES.get(kind, "unattributed"): count for kind, count in enumerate(sums) if count}
         unattributed = self._perf_lost + (self._ring.unknown if self._ring is not None else 0)
         if unattributed:
             by_kind["unattributed"] = by_kind.get("unattributed", 0) + unattributed
