@@ -4,9 +4,10 @@
     sudo .venv/bin/python bench/run.py [--seconds 30] [--rounds 2] [--quick] [--rates 2000,4000]
 
 It compiles bench/churn.c (a C load on loopback, bounded in time, that stops by itself) and runs it in phases,
-side by side in one run: untraced, traced by `tcptrace-bpf record --output FILE`, and traced by bcc's
-tcpstates writing to a file when that tool is installed.  Phases are repeated in mirrored order (U T S, then
-S T U, ...) because this machine is shared and noisy: drift over the run then weighs on every kind alike, and
+side by side in one run: untraced, with tcptrace-bpf's BPF programs attached and a reader that does nothing
+(bench/hooks_only.py: the kernel side's cost alone), traced by `tcptrace-bpf record --output FILE`, and traced
+by bcc's tcpstates writing to a file when that tool is installed.  Phases are repeated in mirrored order (U H T S, then
+S T H U, ...) because this machine is shared and noisy: drift over the run then weighs on every kind alike, and
 each kind's throughput is the mean of its rounds.  Then it times `tcptrace-bpf report FILE --json` on a
 recording, and prints one plain-text table plus the issue's goals with what was measured.
 
@@ -70,7 +71,7 @@ GOAL_READY_S = 2.0
 GOAL_RSS_MB = 200.0
 GOAL_REPORT_RPS = 200_000
 
-UNTRACED, TCPTRACE, TCPSTATES = "untraced", "tcptrace-bpf", "tcpstates"
+UNTRACED, HOOKS, TCPTRACE, TCPSTATES = "untraced", "hooks only", "tcptrace-bpf", "tcpstates"
 
 
 class Interrupted(Exception):
@@ -455,6 +456,35 @@ class Bench:
         errpath.unlink()
         return phase
 
+    def hooks_only(self, rnd: int) -> Phase:
+        """tcptrace-bpf's BPF programs with a reader that does nothing (hooks_only.py): the floor any
+        frontend could reach on this machine and kernel; the gap to the tcptrace-bpf phase is the frontend's."""
+        path = self.workdir / f"hooks-{rnd}.jsonl"
+        errpath = path.with_suffix(".stderr")
+        with open(errpath, "wb") as err:
+            started = time.monotonic()
+            proc = self.children.start([sys.executable, str(HERE / "hooks_only.py"), "--output", str(path)],
+                                       signal.SIGINT, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+        try:
+            ready = wait_for_header(proc, path, started, timeout=60, errpath=errpath,
+                                    first=b'{"type": "ready"', what="hooks_only.py")
+            phase = self._watch(proc, HOOKS, rnd, None, stop_timeout=30)
+        except BaseException:
+            self.children.stop(proc, timeout=10)
+            raise
+        phase.ready_s = ready
+        footer = json.loads(last_line(path) or "{}")
+        if footer.get("type") != "footer":
+            raise BenchError(f"hooks_only.py wrote no footer (exit {proc.returncode}): {errpath.read_text()[-500:]}")
+        phase.lost = sum(footer["lost_by_kind"].values()) + int(footer["skipped_runs"])
+        phase.delivered = int(footer["state"])
+        phase.lost_accounted = int(footer["lost_by_kind"].get("state", 0))
+        phase.expected = TRANSITIONS_PER_CONNECTION * phase.connections
+        if not self.args.keep:
+            path.unlink()
+            errpath.unlink()
+        return phase
+
     def tcpstates_phase(self, rnd: int) -> Phase:
         """bcc's tcpstates with its output sent to a file, as in the earlier measurement of issue 6."""
         assert self.tcpstates is not None
@@ -571,22 +601,23 @@ def find_tcpstates() -> Optional[str]:
 
 
 def wait_for_header(proc: subprocess.Popen[bytes], path: Path, started: float, timeout: float,
-                    errpath: Path) -> float:
-    """Seconds from launch until `record` has written its header line (every probe attached)."""
+                    errpath: Path, first: bytes = b'{"type": "header"', what: str = "tcptrace-bpf record") -> float:
+    """Seconds from launch until `record` has written its header line (every probe attached), or
+    hooks_only.py its ready line (`first`: how that line begins, `what`: who writes it)."""
     deadline = started + timeout
     while time.monotonic() < deadline:
         try:
             with open(path, "rb") as fh:
-                first = fh.readline()
-            if first.endswith(b"\n") and first.startswith(b'{"type": "header"'):
+                line = fh.readline()
+            if line.endswith(b"\n") and line.startswith(first):
                 return time.monotonic() - started
         except FileNotFoundError:
             pass
         if proc.poll() is not None:
-            raise BenchError(f"tcptrace-bpf record exited (status {proc.returncode}) before it was ready: "
+            raise BenchError(f"{what} exited (status {proc.returncode}) before it was ready: "
                              f"{errpath.read_text(errors='replace').strip()[-500:]}")
         time.sleep(0.005)
-    raise BenchError(f"tcptrace-bpf record wrote no header within {timeout:.0f} s")
+    raise BenchError(f"{what} wrote no first line within {timeout:.0f} s")
 
 
 def wait_for_output(proc: subprocess.Popen[bytes], path: Path, started: float, timeout: float,
@@ -669,6 +700,8 @@ accounted: (delivered + lost) / what the load made, {TRANSITIONS_PER_CONNECTION}
 changes (its footer
   counts lost ones by kind), tcpstates' lines.  100% = the lost count is exact; under 100% = events went
   missing without being counted; over 100% = more counted lost than went missing.
+hooks only: tcptrace-bpf's BPF programs as `record` loads them, the ring buffer emptied every 10 ms with nothing
+  decoded or written (bench/hooks_only.py): what the kernel side costs, the best any frontend could do.
 tracer CPU: over the load window, 100% = one core.  RSS: at the end of the load (peak over the whole life).
 ready: launch until the probes are attached.  busy/steal: the whole machine's CPU during the phase."""
 
@@ -687,7 +720,7 @@ def render(phases: list[Phase], speed: Optional[ReportSpeed], untraced_rate: flo
             f"{p.machine_busy_pct:.0f}%/{p.steal_pct:.0f}%",
         ])
     rows.append([""] * len(head))
-    for kind in (UNTRACED, TCPTRACE, TCPSTATES):
+    for kind in (UNTRACED, HOOKS, TCPTRACE, TCPSTATES):
         group = [p for p in phases if p.kind == kind and not p.target_rate]
         if not group:
             continue
@@ -726,6 +759,11 @@ def goals(phases: list[Phase], speed: Optional[ReportSpeed], untraced_rate: floa
     if traced and untraced_rate:
         ratio = mean([p.rate for p in traced]) / untraced_rate
         rows.append([f"max churn: traced >= {GOAL_RATIO:.2f}x untraced", f"{ratio:.2f}x", yes(ratio >= GOAL_RATIO)])
+        hooks = [p for p in phases if p.kind == HOOKS]
+        if hooks:  # not a goal: the bound on the one above that no frontend can beat
+            floor = mean([p.rate for p in hooks]) / untraced_rate
+            rows.append(["  (bound: the BPF hooks alone, a reader that does nothing)", f"{floor:.2f}x",
+                         "reachable" if floor >= GOAL_RATIO else "out of reach"])
         lost = sum(p.lost or 0 for p in traced)
         rows.append(["max churn: 0 lost events", f"{lost:,}", yes(lost == 0)])
     if everything:
@@ -767,6 +805,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                     help="also trace paced loads at these total connections/s (e.g. 2000,4000): where it keeps up")
     ap.add_argument("--rate-seconds", type=float, default=0, help="load per paced phase (default: --seconds)")
     ap.add_argument("--no-tcpstates", action="store_true", help="skip bcc's tcpstates even when installed")
+    ap.add_argument("--no-hooks-only", action="store_true",
+                    help="skip the phase with tcptrace-bpf's hooks and a reader that does nothing")
     ap.add_argument("--tracer", help="tcptrace-bpf command (default: the checkout's .venv/bin/tcptrace-bpf)")
     ap.add_argument("--settle", type=float, default=2.0, help="pause between phases, seconds (default 2)")
     ap.add_argument("--workdir", type=Path, help="scratch directory (default: a new one under /tmp, removed)")
@@ -790,7 +830,7 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> int:
     """Build, warm up, run the phases in mirrored rounds, time report, print the tables."""
     bench = Bench(args, children, workdir)
     bench.build()
-    kinds = [UNTRACED, TCPTRACE] + ([TCPSTATES] if bench.tcpstates else [])
+    kinds = [UNTRACED] + ([] if args.no_hooks_only else [HOOKS]) + [TCPTRACE] + ([TCPSTATES] if bench.tcpstates else [])
     tcpstates = bench.tcpstates or ("skipped" if args.no_tcpstates else "not installed")
     print(f"tcptrace-bpf churn benchmark: kernel {platform.release()}, {os.cpu_count()} CPUs, "
           f"churn {args.clients} clients/{args.servers or args.clients} servers on {args.address}, "
@@ -801,10 +841,10 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> int:
     bench.load(min(3.0, args.seconds))
     phases: list[Phase] = []
     runners: dict[str, Callable[[int], Phase]] = {
-        UNTRACED: bench.untraced, TCPTRACE: bench.traced, TCPSTATES: bench.tcpstates_phase}
+        UNTRACED: bench.untraced, HOOKS: bench.hooks_only, TCPTRACE: bench.traced, TCPSTATES: bench.tcpstates_phase}
     plan: list[Callable[[], Phase]] = []
     for rnd in range(args.rounds):
-        order = kinds if rnd % 2 == 0 else kinds[::-1]  # mirrored: U T S, S T U, ... cancels linear drift
+        order = kinds if rnd % 2 == 0 else kinds[::-1]  # mirrored: U H T S, S T H U, ... cancels linear drift
         plan += [functools.partial(runners[kind], rnd) for kind in order]
     plan += [functools.partial(bench.traced, 0, rate) for rate in args.rate_list]
     for runner in plan:
