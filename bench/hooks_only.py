@@ -59,7 +59,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
     plan = make_plan(probe_kernel())
     if plan.fatal:
-        print(f"cannot trace: {[p.what for p in plan.problems if p.fatal]}", file=sys.stderr)
+        first = next(p for p in plan.problems if p.fatal)
+        print(f"cannot trace: {first.what} (fix: {first.fix})", file=sys.stderr)
         return 1
     source = KernelSource(plan)
     source.start()

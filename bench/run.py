@@ -422,21 +422,8 @@ class Bench:
     def traced(self, rnd: int, rate: Optional[float] = None) -> Phase:
         """`tcptrace-bpf record` to a file while the load runs; ready time, CPU, RSS and the footer."""
         path = self.workdir / f"record-{rnd}{'-' + str(int(rate)) if rate else ''}.jsonl"
-        errpath = path.with_suffix(".stderr")
-        with open(errpath, "wb") as err:
-            started = time.monotonic()
-            proc = self.children.start(self.tracer_cmd + ["record", "--output", str(path)], signal.SIGINT,
-                                       stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
-        try:
-            ready = wait_for_header(proc, path, started, timeout=60, errpath=errpath)
-            phase = self._watch(proc, TCPTRACE, rnd, rate, stop_timeout=120)
-        except BaseException:
-            self.children.stop(proc, timeout=10)
-            raise
-        phase.ready_s = ready
-        footer = json.loads(last_line(path) or "{}")
-        if footer.get("type") != "footer":
-            raise BenchError(f"{path} has no footer (exit {proc.returncode}): {errpath.read_text()[-500:]}")
+        argv = self.tracer_cmd + ["record", "--output", str(path)]
+        phase, footer = self._jsonl_phase(TCPTRACE, "tcptrace-bpf record", argv, path, rnd, rate, stop_timeout=120)
         phase.lost = int(footer["lost_events"])
         # State changes come a fixed number per connection, and the footer counts their losses apart
         # (lost_by_kind): delivered + lost must be exactly what the load made.  Timewait timer events (re-arms,
@@ -453,37 +440,43 @@ class Bench:
         phase.tracer_cpu_total_s = footer.get("cpu_seconds")
         phase.output_mb = path.stat().st_size / 2**20
         self._keep_for_report(path, paced=bool(rate))
-        errpath.unlink()
         return phase
 
     def hooks_only(self, rnd: int) -> Phase:
         """tcptrace-bpf's BPF programs with a reader that does nothing (hooks_only.py): the floor any
         frontend could reach on this machine and kernel; the gap to the tcptrace-bpf phase is the frontend's."""
         path = self.workdir / f"hooks-{rnd}.jsonl"
-        errpath = path.with_suffix(".stderr")
-        with open(errpath, "wb") as err:
-            started = time.monotonic()
-            proc = self.children.start([sys.executable, str(HERE / "hooks_only.py"), "--output", str(path)],
-                                       signal.SIGINT, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
-        try:
-            ready = wait_for_header(proc, path, started, timeout=60, errpath=errpath,
-                                    first=b'{"type": "ready"', what="hooks_only.py")
-            phase = self._watch(proc, HOOKS, rnd, None, stop_timeout=30)
-        except BaseException:
-            self.children.stop(proc, timeout=10)
-            raise
-        phase.ready_s = ready
-        footer = json.loads(last_line(path) or "{}")
-        if footer.get("type") != "footer":
-            raise BenchError(f"hooks_only.py wrote no footer (exit {proc.returncode}): {errpath.read_text()[-500:]}")
+        argv = [sys.executable, str(HERE / "hooks_only.py"), "--output", str(path)]
+        phase, footer = self._jsonl_phase(HOOKS, "hooks_only.py", argv, path, rnd, None, stop_timeout=30,
+                                          first=b'{"type": "ready"')
         phase.lost = sum(footer["lost_by_kind"].values()) + int(footer["skipped_runs"])
         phase.delivered = int(footer["state"])
         phase.lost_accounted = int(footer["lost_by_kind"].get("state", 0))
         phase.expected = TRANSITIONS_PER_CONNECTION * phase.connections
         if not self.args.keep:
             path.unlink()
-            errpath.unlink()
         return phase
+
+    def _jsonl_phase(self, kind: str, what: str, argv: list[str], path: Path, rnd: int, rate: Optional[float],
+                     stop_timeout: float, first: bytes = b'{"type": "header"') -> tuple[Phase, dict[str, Any]]:
+        """Run a tracer (`what`: record, hooks_only.py) that writes JSON Lines to `path` beside the load: ready
+        when its first line begins with `first`, stopped with SIGINT; the phase and its footer line."""
+        errpath = path.with_suffix(".stderr")
+        with open(errpath, "wb") as err:
+            started = time.monotonic()
+            proc = self.children.start(argv, signal.SIGINT, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+        try:
+            ready = wait_for_header(proc, path, started, timeout=60, errpath=errpath, first=first, what=what)
+            phase = self._watch(proc, kind, rnd, rate, stop_timeout=stop_timeout)
+        except BaseException:
+            self.children.stop(proc, timeout=10)
+            raise
+        phase.ready_s = ready
+        footer = json.loads(last_line(path) or "{}")
+        if footer.get("type") != "footer":
+            raise BenchError(f"{what}: {path} has no footer (exit {proc.returncode}): {errpath.read_text()[-500:]}")
+        errpath.unlink()
+        return phase, footer
 
     def tcpstates_phase(self, rnd: int) -> Phase:
         """bcc's tcpstates with its output sent to a file, as in the earlier measurement of issue 6."""
@@ -601,7 +594,7 @@ def find_tcpstates() -> Optional[str]:
 
 
 def wait_for_header(proc: subprocess.Popen[bytes], path: Path, started: float, timeout: float,
-                    errpath: Path, first: bytes = b'{"type": "header"', what: str = "tcptrace-bpf record") -> float:
+                    errpath: Path, first: bytes, what: str) -> float:
     """Seconds from launch until `record` has written its header line (every probe attached), or
     hooks_only.py its ready line (`first`: how that line begins, `what`: who writes it)."""
     deadline = started + timeout
