@@ -15,7 +15,7 @@ from tcptrace_bpf.kernel import KernelSource, SourceError
 from tcptrace_bpf.plan import Plan, make_plan
 from tcptrace_bpf.probe import probe_kernel
 
-from .conftest import LiveTrace, every_plan
+from .conftest import LiveTrace, every_plan, wait_for_quiet_host
 from .net import close_many, free_port
 from .test_cli_record import start_recorder
 
@@ -24,6 +24,7 @@ def test_a_small_ring_buffer_wraps_many_times_and_no_record_is_garbled():
     """64 KiB of ring (about 680 records) and 300 connections (3,600 events): the reader goes round the
     ring five times and more, through its double-mapped end.  Every lifetime comes out whole, or its absence
     is in the lost count (reserves that failed while the ring was full)."""
+    wait_for_quiet_host()  # a burst of old TIME_WAIT expiries would fill so small a ring on its own
     trace = LiveTrace(ring_pages=16)
     trace.start()
     try:
